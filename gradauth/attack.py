@@ -61,9 +61,8 @@ from .errors import GradauthError
 from .finetune import Schedule, finetune
 from .fsutil import atomic_path, write_text
 from .importance import bn_gamma
-from .models import bn_layers
 from .prune import count_removed, lock_masks, masks_from_model
-from .release import fresh_filters, locked_copy, producers, public_lock
+from .release import fresh_filters, locked_channels, locked_copy, public_lock
 
 FRACTIONS = (0.01, 0.05, 0.1)   # of the labelled training split the thief holds
 STRONG_MIN_FACTOR = 4           # strong schedule: at least 4 × the best schedule's epochs
@@ -208,14 +207,9 @@ def revive(model: nn.Module, seed: int = 0) -> int:
     """What a thief does first with a zeros release: every channel whose γ and β are both exactly 0 (every locked
     channel: the zeros show them) gets BN's initial γ = 1, β = 0, and an all-zero conv filter feeding it a fresh
     random one, so gradients flow through it again. Returns the number of channels revived."""
-    gen, prods, n = torch.Generator().manual_seed(seed), producers(model), 0
-    for name, keep in masks_from_model(model).items():
-        dead = ~keep
-        if not dead.any():
-            continue
-        bn = bn_layers(model)[name]
+    gen, n = torch.Generator().manual_seed(seed), 0
+    for bn, conv, dead in locked_channels(model, masks_from_model(model)):
         bn.weight[dead], bn.bias[dead] = 1.0, 0.0
-        conv = prods.get(name)
         if conv is not None:
             blank = dead & (conv.weight.flatten(1).abs().sum(1) == 0)
             if blank.any():

@@ -73,18 +73,21 @@ def pack_name(level: int) -> str:
 
 # ---- keys and sealing ---------------------------------------------------------------------------------------
 
+KEY_PREFIX = "gak_"  # also keeps a key that would start with "-" from reading as a command-line option
+
+
 def encode_key(key: bytes) -> str:
-    return base64.urlsafe_b64encode(key).decode().rstrip("=")
+    return KEY_PREFIX + base64.urlsafe_b64encode(key).decode().rstrip("=")
 
 
 def decode_key(text: str) -> bytes:
-    s = text.strip()
+    s = text.strip().removeprefix(KEY_PREFIX)
     try:
         key = base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
     except (binascii.Error, ValueError):
         key = b""
     if len(key) != KEY_BYTES or not s:
-        raise GradauthError("the key is not a gradauth level key (43 urlsafe base64 characters, as `gradauth release` "
+        raise GradauthError(f"the key is not a gradauth level key ({KEY_PREFIX} and 43 urlsafe base64 characters, as `gradauth release` "
                             "printed it): copy it again from owner-keys.json")
     return key
 
@@ -189,20 +192,22 @@ def fresh_filters(conv: nn.Conv2d, rows: torch.Tensor, gen: torch.Generator) -> 
     return (torch.rand(shape, generator=gen) * 2 - 1).mul_(bound).to(conv.weight)
 
 
+def locked_channels(model: nn.Module, masks: Masks):
+    """(BN, the conv feeding it or None, bool mask of its locked channels) for every BN with a locked channel."""
+    prods, bns = producers(model), bn_layers(model)
+    for name, keep in masks.items():
+        if (~keep).any():
+            yield bns[name], prods.get(name), ~keep
+
+
 @torch.no_grad()
 def erase(model: nn.Module, masks: Masks, gen: torch.Generator | None = None) -> None:
     """Remove what a lock leaves of each locked channel: its conv filter (zeros; random with `gen`) and its BN
     running statistics (0 and 1). With γ = β = 0 the channel's output is 0 whatever these hold, so the locked model
     computes exactly the same; but the filter is the trained feature detector, and a thief who resets γ/β of the
     visibly zero channels would otherwise get it back for free (`gradauth attack`, "revived")."""
-    prods = producers(model)
-    for name, keep in masks.items():
-        removed = ~keep
-        if not removed.any():
-            continue
-        bn = bn_layers(model)[name]
+    for bn, conv, removed in locked_channels(model, masks):
         bn.running_mean[removed], bn.running_var[removed] = 0.0, 1.0
-        conv = prods.get(name)
         if conv is not None:
             conv.weight[removed] = 0.0 if gen is None else fresh_filters(conv, removed, gen)
             if conv.bias is not None:
@@ -322,7 +327,7 @@ def build_release(out: Path) -> tuple[dict, dict[str, bytes], dict[int, bytes]]:
                            "init": "noise" if noise_seed is not None else "zeros", "test_acc": acc, "test_top3": top3,
                            "lock_bound": bound},
                 "cipher": {"aead": "AES-256-GCM", "kdf": "HKDF-SHA256", "nonce_bytes": NONCE_BYTES,
-                           "key_encoding": "urlsafe base64, no padding"},
+                           "key_encoding": "gak_ + urlsafe base64, no padding"},
                 "levels": [], "files": {}}
     locked_sha = sha256(files[LOCKED])
     keys = {}

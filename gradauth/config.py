@@ -130,7 +130,18 @@ class Config:
         return d
 
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        return _digest(self.to_dict())
+
+    def base_hash(self) -> str:
+        """What the base model depends on (seed, data, model, train), so a changed lock, importance or schedule grid
+        does not retrain it. Where the data lives (`root`, `download`) is not part of what it is."""
+        d = self.to_dict()
+        data = {k: v for k, v in d["data"].items() if k not in ("root", "download")}
+        return _digest({"seed": d["seed"], "data": data, "model": d["model"], "train": d["train"]})
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _build(cls, raw: Any, where: str, problems: list[str]):

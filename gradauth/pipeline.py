@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 
 from .checkpoint import load_model_file, rebuild, save_model
 from .config import Config, dump_config, load_config, parse_config
@@ -58,13 +57,13 @@ def train_stage(cfg: Config, out: Path, ds: Dataset | None = None, resume: bool 
     from .train import model_spec, train_base
     if resume and (out / "base.pt").is_file() and (out / "base.json").is_file():
         info = json.loads((out / "base.json").read_text())
-        if info.get("config_hash") == cfg.hash():
-            print(f"[train] {out / 'base.pt'} is up to date, skipped", file=sys.stderr)
+        if info.get("base_hash", info.get("config_hash")) in (cfg.base_hash(), cfg.hash()):
+            print(f"[train] {out / 'base.pt'} is up to date (same seed, data, model, train), skipped", file=sys.stderr)
             return info
     ds = ds or load_dataset(cfg.data, cfg.seed)  # bad input fails here, before anything is written
     device = pick_device()
     model, info = train_base(cfg, ds.to(device), device)
-    info |= {"config_hash": cfg.hash(), "git_sha": git_sha()}
+    info |= {"config_hash": cfg.hash(), "base_hash": cfg.base_hash(), "git_sha": git_sha()}
     write_config(cfg, out)
     save_model(out / "base.pt", model.cpu(), model_spec(cfg, ds), extra={"config": cfg.to_dict()})
     write_json(out / "base.json", info)

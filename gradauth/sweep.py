@@ -8,6 +8,7 @@ with `Tuner.restore`.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -25,7 +26,7 @@ from .checkpoint import from_bytes, to_bytes
 from .config import Config
 from .engine import pick_device
 from .errors import GradauthError
-from .fsutil import atomic_path
+from .fsutil import atomic_path, write_json
 from .select import TRIAL_COLUMNS
 from .trial import TrialContext, TrialSpec, base_row, grid, run_trial
 
@@ -123,12 +124,39 @@ def _row_from_result(result, ctx: TrialContext, models_dir: Path) -> dict:
     return row
 
 
+def _done_rows(out_dir: Path, specs: list[TrialSpec]) -> dict[str, dict]:
+    """Rows of trials.parquet that `--resume` keeps: grid points already finished (an `ok` one with its model file)."""
+    path = out_dir / "trials.parquet"
+    if not path.is_file():
+        return {}
+    old = pd.read_parquet(path)
+    ids = {s.trial_id for s in specs}
+    keep = {}
+    for row in old.to_dict("records"):
+        tid = row.get("trial_id")
+        if tid in ids and (row.get("status") == "unlockable" or
+                           (row.get("status") == "ok" and (out_dir / "models" / f"{tid}.pt").is_file())):
+            keep[tid] = row
+    return keep
+
+
 def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = False) -> pd.DataFrame:
-    """Run every grid point as a Tune trial; write out_dir/trials.parquet and out_dir/models/<trial_id>.pt."""
+    """Run every grid point as a Tune trial; write out_dir/trials.parquet and out_dir/models/<trial_id>.pt.
+
+    `resume=True` keeps the grid points trials.parquet already has (so a sweep grown by new lock values or
+    schedules runs only those) and restores Tune's experiment when it was running exactly the points still missing
+    (a killed driver: its finished trials are not re-run and in-flight ones continue from their checkpoints)."""
     from ray import tune
     specs = grid(cfg)
     if not specs:
         raise GradauthError("the search space is empty: give lock.values and every finetune list at least one value")
+    done = _done_rows(out_dir, specs) if resume else {}
+    pending = [s for s in specs if s.trial_id not in done]
+    if done:
+        print(f"[sweep] --resume: {len(done)} of {len(specs)} grid points already in trials.parquet, "
+              f"{len(pending)} to run", file=sys.stderr)
+    if not pending:
+        return write_trials(list(done.values()), out_dir / "trials.parquet")
     ensure_ray()
     res = cfg.sweep.resources
     cpu, gpu = float(res.get("cpu", 1)), float(res.get("gpu", 0))
@@ -142,15 +170,21 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
         {"cpu": cpu, "gpu": gpu})
     storage = cfg.sweep.storage or str((out_dir / "ray").resolve())
     exp_path = f"{storage.rstrip('/')}/sweep"
-    if resume and tune.Tuner.can_restore(exp_path):
+    # Which grid points the experiment in exp_path was started for: restoring it is right only if they are the
+    # points still missing (same config); after the grid changed, a fresh experiment runs the new points.
+    marker = out_dir / "ray" / "sweep-points.json"
+    points = sorted(s.trial_id for s in pending)
+    same = marker.is_file() and json.loads(marker.read_text()) == points
+    if resume and same and tune.Tuner.can_restore(exp_path):
         print(f"[sweep] resuming {exp_path}", file=sys.stderr)
         tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True)
     else:
-        if not resume and not cfg.sweep.storage and Path(exp_path).exists():
-            shutil.rmtree(exp_path)  # a fresh sweep must not mix with an old one's trials
+        if not cfg.sweep.storage and Path(exp_path).exists():
+            shutil.rmtree(exp_path)  # a fresh experiment must not mix with an old one's trials
+        write_json(marker, points)
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial": tune.grid_search([asdict(s) for s in specs])},
+            param_space={"trial": tune.grid_search([asdict(s) for s in pending])},
             tune_config=tune.TuneConfig(max_concurrent_trials=cfg.sweep.max_concurrent, reuse_actors=True,
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(
@@ -159,7 +193,7 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1))
     results = tuner.fit()
     models_dir = out_dir / "models"
-    rows = [_row_from_result(r, ctx, models_dir) for r in results]
+    rows = list(done.values()) + [_row_from_result(r, ctx, models_dir) for r in results]
     return write_trials(rows, out_dir / "trials.parquet")
 
 

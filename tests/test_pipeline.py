@@ -58,3 +58,20 @@ def test_trials_parquet_has_the_contract_schema(trained, tmp_path):
     back = pd.read_parquet(tmp_path / "trials.parquet")
     assert list(back["status"]) == ["unlockable", "ok"] and back["fine_acc"].isna().tolist() == [True, False]
     assert back["trial_id"].tolist() == sorted(t.trial_id for t in grid(cfg))
+
+
+def test_resume_keeps_the_base_unless_what_it_depends_on_changed(trained, tmp_path, capsys):
+    cfg, out, info = trained
+    import dataclasses
+    import shutil
+    for f in ("base.pt", "base.json", "config.yaml"):
+        shutil.copy(out / f, tmp_path / f)
+    before = (tmp_path / "base.pt").read_bytes()
+    other_grid = dataclasses.replace(cfg, lock=dataclasses.replace(cfg.lock, values=[0.5]),
+                                     data=dataclasses.replace(cfg.data, root="/elsewhere"))
+    assert other_grid.hash() != cfg.hash() and other_grid.base_hash() == cfg.base_hash()
+    assert train_stage(other_grid, tmp_path, resume=True) == json.loads((tmp_path / "base.json").read_text())
+    assert "is up to date" in capsys.readouterr().err and (tmp_path / "base.pt").read_bytes() == before
+    shorter = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1))
+    again = train_stage(shorter, tmp_path, resume=True)
+    assert again["epochs"] == 1 and again["base_hash"] == shorter.base_hash() != cfg.base_hash()

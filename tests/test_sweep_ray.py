@@ -44,3 +44,14 @@ def test_sweep_end_to_end_on_local_ray(local_ray, tmp_path):
         assert evaluate(model, ds, ds.test)[0] == pytest.approx(r.fine_acc, abs=1e-6)
     sel = select_stage(tmp_path)
     assert len(sel.levels) == 2 and (tmp_path / "levels.json").is_file()
+    # the grid grows by one lock value: --resume runs only its trials and keeps every finished row as it was
+    import dataclasses
+    grown = dataclasses.replace(cfg, lock=dataclasses.replace(cfg.lock, values=[0.02, 0.3, 0.4, 0.35]))
+    models_before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "models").iterdir()}
+    again = sweep_stage(grown, tmp_path, resume=True)
+    assert len(again) == 16 and again["trial_id"].is_unique
+    new = again[again["lock_value"] == 0.35]
+    assert len(new) == 4 and set(new["status"]) <= {"ok", "unlockable"}
+    kept = again[again["lock_value"] != 0.35].reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept, back.reset_index(drop=True))
+    assert all((tmp_path / "models" / n).stat().st_mtime_ns == t for n, t in models_before.items())

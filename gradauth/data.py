@@ -121,10 +121,27 @@ def _digits(cfg: DataConfig, seed: int):
     return x[perm[n_test:]], y[perm[n_test:]], test, 10
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """The CIFAR python batches are dicts of numpy arrays, lists and strings: nothing else may be built from them, so
+    a crafted batch file cannot run code (plain pickle.load, as torchvision uses, would call any global it names)."""
+    ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")
+               } | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
 def _unpickle(path: Path) -> dict:
-    # The CIFAR python batches are plain dicts of numpy arrays; torchvision reads them the same way.
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+    try:
+        with open(path, "rb") as f:
+            batch = _ArraysOnly(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise GradauthError(f"{path} is not a CIFAR python batch ({e}): re-extract the dataset's python version")
+    if not isinstance(batch, dict) or "data" not in batch:
+        raise GradauthError(f"{path} is not a CIFAR python batch (no 'data' array): re-extract the dataset")
+    return batch
 
 
 def _cifar(cfg: DataConfig, hundred: bool):

@@ -1,3 +1,4 @@
+import os
 import pickle
 
 import numpy as np
@@ -55,6 +56,22 @@ def test_cifar_reads_python_batches_without_md5(tmp_path):
     _fake_cifar(tmp_path)
     ds = load_dataset(DataConfig(name="cifar10", root=str(tmp_path), val_fraction=0.1, train_subset=50))
     assert ds.train.x.shape == (50, 3, 32, 32) and len(ds.val) == 10 and len(ds.test) == 20
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_crafted_cifar_batch_is_refused_without_running_code(tmp_path, monkeypatch):
+    _fake_cifar(tmp_path)
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
+        pickle.dump({"data": _Payload(), "labels": [0]}, f)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(GradauthError, match=r"data_batch_3 is not a CIFAR python batch \(refusing to load "
+                                            r"(posix|os)\.system\)"):
+        load_dataset(DataConfig(name="cifar10", root=str(tmp_path)))
+    assert not (tmp_path / "PWNED").exists()
 
 
 def test_missing_root_is_a_clear_error(tmp_path):

@@ -97,7 +97,9 @@ def select_levels(trials: pd.DataFrame, levels: int = 3, min_gap: float = 0.05, 
     usable = (df["status"] == "ok") & df["fine_acc"].notna()
     groups = _groups(df[usable])
     lockable = groups["prun_acc"] <= max_locked_acc + _EPS
-    cands = groups[lockable].reset_index(drop=True)
+    # A tier is worth selling only if it beats what the public model could be: the lock bound, by min_gap.
+    worth = groups["fine_acc"] >= max_locked_acc + min_gap - _EPS
+    cands = groups[lockable & worth].reset_index(drop=True)
     C = _separated_matrix(cands, min_gap)
     L = _longest_chains(C)
     if L.max(initial=0) < levels:
@@ -105,6 +107,7 @@ def select_levels(trials: pd.DataFrame, levels: int = 3, min_gap: float = 0.05, 
     chain = _lexmax(C, L, levels) if targets is None else _nearest(C, cands["fine_acc"].to_numpy(), targets)
     chosen = cands.loc[chain]
     reasons = _row_reasons(df[~usable]) + _locked_reasons(groups[~lockable], max_locked_acc)
+    reasons += _worthless_reasons(groups[lockable & ~worth], max_locked_acc, min_gap)
     reasons += _candidate_reasons(cands, chain, C, L, settings)
     rejected = sorted(reasons, key=lambda r: r["trial_id"])
     locks = chosen[["importance", "lock_mode", "lock_value"]].drop_duplicates()
@@ -229,6 +232,14 @@ def _locked_reasons(groups: pd.DataFrame, max_locked_acc: float) -> list[dict]:
     return out
 
 
+def _worthless_reasons(groups: pd.DataFrame, max_locked_acc: float, min_gap: float) -> list[dict]:
+    out = []
+    for _, g in groups.iterrows():
+        out += _reject(g["trial_ids"], "worthless", f"fine_acc {g['fine_acc']:.3f} not min_gap {min_gap:g} above "
+                                                    f"max_locked_acc {max_locked_acc:.3f}: no better than a locked model")
+    return out
+
+
 def _conflict(c: pd.Series, lv: pd.Series, k: int, min_gap: float) -> tuple[str, str] | None:
     """Why candidate `c` cannot sit next to level `k` (1-based), or None if it could."""
     hi, lo = (lv, c) if lv["fine_acc"] >= c["fine_acc"] else (c, lv)
@@ -290,6 +301,10 @@ def _infeasible(df, groups, cands, L, settings) -> str:
         counts = ", ".join(f"{v} {k}" for k, v in sorted(df["status"].value_counts().items()))
         return (f"no trial finished fine-tuning ({counts}), so 0 of {n} levels are possible: sweep larger lock values "
                 f"(so locked accuracy falls below sweep.lock_bound) or fix the failing trials")
+    if cands.empty and (groups["prun_acc"] <= settings["max_locked_acc"] + _EPS).any():
+        return (f"0 of {n} levels possible: every (lock, schedule) pair that locks to ≤ max_locked_acc "
+                f"{settings['max_locked_acc']:.3f} recovers less than {settings['max_locked_acc'] + settings['min_gap']:.3f} "
+                f"(max_locked_acc + min_gap): sweep longer fine-tune schedules or smaller lock values")
     if cands.empty:
         return (f"0 of {n} levels possible: no (lock, schedule) pair has locked accuracy ≤ max_locked_acc "
                 f"{settings['max_locked_acc']:.3f} (lowest {groups['prun_acc'].min():.3f}): use a larger "

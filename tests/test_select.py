@@ -121,6 +121,19 @@ def test_infeasible_because_of_the_lock_suggests_max_locked_acc():
         select_levels(df.iloc[[0, 2]], levels=1)
 
 
+def test_a_level_no_better_than_the_locked_model_is_not_sold():
+    # 0.25 is 0.05 below 0.30 and far from the rest, but a tier at 0.25 is barely above what the public model is
+    # allowed to be (max_locked_acc 0.2): it must beat that by min_gap (0.25 ≥ 0.25 passes, 0.24 does not).
+    df = table([trial(0.01, 0.40), trial(0.02, 0.30), trial(0.03, 0.24), trial(0.04, 0.25)])
+    s = select_levels(df, levels=3)
+    assert _accs(s) == pytest.approx([0.40, 0.30, 0.25])
+    assert set(_why(s, "rate0.03-").values()) == {
+        "fine_acc 0.240 not min_gap 0.05 above max_locked_acc 0.200: no better than a locked model"}
+    with pytest.raises(GradauthError, match=r"0 of 1 levels possible: every \(lock, schedule\) pair that locks to "
+                                            r"≤ max_locked_acc 0.200 recovers less than 0.250"):
+        select_levels(df.iloc[[2]], levels=1)
+
+
 def test_unlockable_and_error_trials_are_rejected_with_their_status():
     df = table([trial(0.005, None, prun_acc=0.62, status="unlockable"), trial(0.05, None, status="error")]
                + [trial(0.01 * (i + 1), a) for i, a in enumerate([0.9, 0.8])])

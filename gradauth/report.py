@@ -26,7 +26,8 @@ KNOBS = {"ft_epochs": "fine-tune epochs", "ft_lr": "learning rate", "ft_data_fra
 MAX_SCHEDULE_LINES = 4  # beyond this acc_vs_lock shows only the best schedule per lock value, to stay readable
 REASONS = {"unlockable": "status unlockable (locked accuracy above sweep.lock_bound, not fine-tuned)",
            "error": "status error (the trial failed)", "status": "no fine_acc recorded",
-           "locked_acc": "locked accuracy above max_locked_acc", "min_gap": "fine_acc within min_gap of a level",
+           "locked_acc": "locked accuracy above max_locked_acc",
+           "worthless": "fine_acc not min_gap above max_locked_acc", "min_gap": "fine_acc within min_gap of a level",
            "noise": "gap to a level not above 2 × seed std", "no_chain": "too few levels fit below it",
            "not_needed": "not needed", "other": "other"}
 
@@ -226,7 +227,11 @@ def _plots_section(made: list[str]) -> list[str]:
 def _importance_section(trials: pd.DataFrame, bound: float, made: list[str]) -> list[str]:
     if "importance" not in made:
         return []
+    m = trials.dropna(subset=["prun_acc"]).groupby(["locked_channels", "importance"])["prun_acc"].mean().unstack()
+    rows = [[_int(ch), *("–" if pd.isna(v) else _acc(v) for v in r)] for ch, r in m.iterrows()]
     return ["## Importance sources", "", _fewest_channels(trials, bound), "",
+            "Locked accuracy (mean over seeds) by channels locked:", "",
+            *_table(["locked channels", *(f"`{c}`" for c in m.columns)], rows),
             "![Importance sources](plots/importance.png)", ""]
 
 
@@ -241,45 +246,66 @@ def _fewest_channels(trials: pd.DataFrame, bound: float) -> str:
         return f"No importance source brings the locked accuracy down to the lock bound ({bound:.3f}){tail}."
     best = reach[reach == reach.iloc[0]].index.tolist()
     rest = ", ".join(f"{int(n)} for `{imp}`" for imp, n in reach.items() if imp not in best)
-    who = " and ".join(f"`{b}`" for b in best)
+    names = [f"`{b}`" for b in best]
+    who = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     if len(best) > 1:
         return (f"{who} reach the lock bound (locked accuracy ≤ {bound:.3f}) with the same "
-                f"{int(reach.iloc[0])} locked channels{tail}.")
+                f"{int(reach.iloc[0])} locked channels" + (f", against {rest}" if rest else "") + f"{tail}.")
     word = "fewer" if m["importance"].nunique() == 2 else "the fewest"
     return (f"{who} needs {word} locked channels to reach the lock bound (locked accuracy ≤ {bound:.3f}): "
             f"{int(reach.iloc[0])}" + (f", against {rest}" if rest else "") + f"{tail}.")
 
 
 def _attack_section(path: Path, plots: Path, sel: dict | None) -> list[str]:
-    """attack.parquet, read loosely: the rows as a table and, given the columns, recovery against attacker data."""
+    """attack.parquet (from `gradauth attack`): its attack.md table embedded, and recovery against the thief's data."""
     if not path.is_file():
         (plots / "attack.png").unlink(missing_ok=True)
         return []
     df = _read_parquet(path)
-    keys = [c for c in ("level", "importance", "lock_mode", "schedule", "data_fraction") if c in df]
-    df = df.sort_values(keys, key=lambda s: s.astype(str)) if keys else df
-    lines = ["## Attack: fine-tuning the public model", "", *_table(list(df.columns), [
-        [_acc(v) if isinstance(v, float) else v for v in r] for r in df.itertuples(index=False)])]
-    if {"data_fraction", "recovered_acc"} <= set(df.columns):
-        _save(_attack_plot(df, sel), plots / "attack.png")
-        lines += ["![Attack](plots/attack.png)", ""]
-    return lines
+    need = {"target", "attacker_fraction", "schedule", "recovered_acc"}
+    if not need <= set(df.columns):
+        raise GradauthError(f"{path}: missing columns {sorted(need - set(df.columns))}; "
+                            "re-run `gradauth attack` to rewrite it")
+    md = path.with_name("attack.md")
+    lines = ["## Attack: fine-tuning the public model without a key", ""]
+    if md.is_file():  # attack.md's own title is dropped, its table kept
+        body = md.read_text().splitlines()
+        lines += [ln for ln in body if not ln.startswith("# ")] + [""]
+    _save(_attack_plot(df, sel), plots / "attack.png")
+    return lines + ["![Attack](plots/attack.png)", ""]
 
 
 def _attack_plot(df: pd.DataFrame, sel: dict | None) -> Figure:
-    fig = Figure(figsize=(6.5, 4.8))
-    ax = fig.subplots()
-    groups = df.assign(level=df["level"].astype(str)).groupby("level") if "level" in df else [("all", df)]
-    for name, sub in groups:
-        m = _mean_std(sub, ["data_fraction"], "recovered_acc")
-        label = "public model" if name == "public" else f"level {name}"
-        ax.errorbar(100 * m["data_fraction"], m["mean"], m["std"], marker="o", capsize=3, label=label)
-    for lv in (sel or {}).get("levels", []):
-        ax.axhline(lv["fine_acc"], ls=":", color="gray", lw=1)
-        ax.annotate(f"L{lv['level']}", (0, lv["fine_acc"]), xycoords=("axes fraction", "data"), fontsize=7)
-    ax.set(xlabel="attacker's data (% of the training set)", ylabel="recovered top-1 accuracy", ylim=(0, 1.02),
-           title="What a thief recovers (dotted: the sold levels)")
-    ax.legend(fontsize=8)
+    """Recovered top-1 vs the thief's share of the training data: one panel per thief schedule, a line per form."""
+    from .attack import _label
+    thief = df[(df["schedule"] != "owner") & df["target"].isin(["public", "scratch"])]
+    thief = thief.assign(label=thief.apply(_label, axis=1))
+    labels = list(dict.fromkeys(thief["label"]))
+    scheds = list(dict.fromkeys(thief["schedule"])) or ["best"]
+    colors = {lb: f"C{i % 10}" for i, lb in enumerate(labels)}
+    fig = Figure(figsize=(5 * len(scheds), 5.4), layout="constrained")
+    axes = fig.subplots(1, len(scheds), sharey=True, squeeze=False)[0]
+    fractions = sorted(thief["attacker_fraction"].unique())
+    for ax, sched in zip(axes, scheds):
+        for lb in labels:
+            sub = thief[(thief["label"] == lb) & (thief["schedule"] == sched)]
+            if sub.empty:
+                continue
+            m = _mean_std(sub, ["attacker_fraction"], "recovered_acc")
+            ax.errorbar(100 * m["attacker_fraction"], m["mean"], m["std"], marker="o", capsize=3, color=colors[lb],
+                        ls=":" if lb.startswith("scratch") else "-", label=lb.removeprefix("public "))
+        for lv in (sel or {}).get("levels", []):
+            ax.axhline(lv["fine_acc"], ls="--", color="gray", lw=1)
+            ax.annotate(f"level {lv['level']}", (0.01, lv["fine_acc"]), xycoords=("axes fraction", "data"),
+                        fontsize=7, va="bottom", color="gray")
+        ax.set(xscale="log", xlabel="thief's labelled data (% of the training set)", ylim=(0, 1.02),
+               title=f"thief's schedule: {sched}")
+        ax.set_xticks([100 * f for f in fractions], [f"{100 * f:g}" for f in fractions])
+        ax.minorticks_off()
+    axes[0].set_ylabel("recovered top-1 accuracy (test)")
+    handles, names = axes[-1].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncols=2, fontsize=8)
+    fig.suptitle("What a thief recovers from the public model without a key (dashed: the sold levels)")
     return fig
 
 

@@ -81,15 +81,30 @@ def test_importance_plot_only_with_two_sources(swept):
 
 
 def test_attack_and_slices_are_rendered_when_present(swept):
-    attack = pd.DataFrame({"level": ["public", "public", "1", "1"], "data_fraction": [0.01, 0.1, 0.01, 0.1],
-                           "recovered_acc": [0.31, 0.55, 0.905, 0.91]})
-    attack.to_parquet(swept / "attack.parquet")
+    rows = [dict(target=t, lock_importance=imp, lock_mode=mode, lock_value=v, locked_channels=n, init="zeros",
+                 filters="erased", thief_init="none", attacker_fraction=f, schedule=s, seed=0, recovered_acc=acc)
+            for t, imp, mode, v, n in [("public", "bn_gamma", "rate", 0.2, 7), ("scratch", "none", "none", 0.0, 0)]
+            for f, s, acc in [(0.01, "best", 0.3), (0.1, "best", 0.5), (0.01, "strong", 0.6), (0.1, "strong", 0.8),
+                              (1.0, "owner", 0.9)]]
+    pd.DataFrame(rows).to_parquet(swept / "attack.parquet")
+    (swept / "attack.md").write_text("# Attack: fine-tuning the public model without a key\n\n| start from | 1% best |\n"
+                                     "|---|---|\n| public bn_gamma rate 0.2 (zeros) | 0.300 |\n")
     pd.DataFrame({"layer": ["features.1"] * 10, "channel": range(10), "class": -1,
                   "contribution": [10.0] + [1.0] * 9, "inputs": 8}).to_parquet(swept / "slices.parquet")
     md = write_report(swept).read_text()
-    assert "| public | 0.010 | 0.310 |" in md and "| 1 | 0.100 | 0.910 |" in md
-    assert _png_width(swept / "plots" / "attack.png") > 400 and "(plots/attack.png)" in md
+    assert "## Attack: fine-tuning the public model without a key" in md
+    assert "| public bn_gamma rate 0.2 (zeros) | 0.300 |" in md and md.count("# Attack") == 1  # attack.md's title dropped
+    assert _png_width(swept / "plots" / "attack.png") > 800 and "(plots/attack.png)" in md  # best | strong panels
     assert "| features.1 | 10 | 19 | 52.6% |" in md  # the top channel carries 10 of 19
+
+
+def test_an_attack_table_from_another_version_is_refused(swept):
+    pd.DataFrame({"level": ["public"], "data_fraction": [0.01], "recovered_acc": [0.3]}).to_parquet(
+        swept / "attack.parquet")
+    with pytest.raises(GradauthError, match=r"attack.parquet: missing columns \['attacker_fraction', 'schedule', "
+                                            r"'target'\]; re-run `gradauth attack`"):
+        write_report(swept)
+    (swept / "attack.parquet").unlink()
 
 
 def test_report_without_a_sweep_is_refused(tmp_path):

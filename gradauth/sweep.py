@@ -91,19 +91,58 @@ def tune_trainable(config: dict, ctx: TrialContext, threads: int = 1, checkpoint
     row, model, masks = run_trial(ctx, t, device, ds=_device_data(ctx, device), state=state, on_epoch=on_epoch)
     data = to_bytes(model.cpu(), ctx.spec, masks) if model is not None else None
     first = {k: row[k] for k in ("prun_acc", "fine_acc", "locked_channels")}  # Tune's table shows the first metrics
-    _report(first | row | {"epoch": t.epochs, "row_complete": True}, model_bytes=data)
+    # Where it ran, for result.json / `ray job logs` (not trials.parquet): the GPU ids Ray assigned to this trial and
+    # the torch device used (cpu where Ray declared a GPU that CUDA cannot see).
+    import ray
+    where = {"device": str(device), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+    _report(first | row | where | {"epoch": t.epochs, "row_complete": True}, model_bytes=data)
 
 
 def _trial_name(trial) -> str:
     return TrialSpec(**trial.config["trial"]).trial_id
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS (as under `ray job submit`), else start a local one."""
+def ensure_ray(num_cpus: int | None = None) -> bool:
+    """Join the cluster in RAY_ADDRESS (as `ray job submit` sets it), else start a private local instance.
+
+    Never `ray.init(address=None)`: with RAY_ADDRESS unset that silently joins whatever Ray happens to run on the
+    machine (someone else's). Returns whether this process started the instance it is connected to: only then does
+    the sweep know the cluster's resources are all there will ever be."""
     import ray
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, num_cpus=num_cpus, include_dashboard=False,
-                 log_to_driver=True)
+    if ray.is_initialized():
+        return started_local_ray()
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    local = address == "local"
+    ray.init(address=address, num_cpus=num_cpus if local else None, include_dashboard=False if local else None,
+             log_to_driver=True)
+    return local
+
+
+def started_local_ray() -> bool:
+    """Whether the Ray this process is connected to was started by this process (`ray.init(address="local")` or a
+    bare `ray.init()` that found none), rather than joined (`ray job submit`, RAY_ADDRESS, `ray.init("auto")`)."""
+    try:
+        from ray._private import worker  # private, but Ray is pinned exactly (pyproject.toml)
+        node = worker._global_node
+        return bool(node is not None and node.head)
+    except Exception:  # an upgrade moved it: assume a cluster, where GPU requests are kept as asked
+        return False
+
+
+def trial_resources(requested: dict, started_here: bool, cluster: dict) -> dict:
+    """Per-trial {cpu, gpu}: as the config asks, except that a local Ray this process started with no GPU runs the
+    trials on CPU (a laptop). A joined cluster keeps the GPU request even while it has no GPU: its autoscaler adds
+    GPU workers for pending trials (cluster.yaml's min_workers may be 0, or the spot node is being replaced)."""
+    cpu, gpu = float(requested.get("cpu", 1)), float(requested.get("gpu", 0))
+    if gpu and not cluster.get("GPU"):
+        if started_here:
+            print(f"[sweep] no GPU in this local Ray: running trials on CPU (sweep.resources.gpu={gpu} ignored)",
+                  file=sys.stderr)
+            gpu = 0.0
+        else:
+            print(f"[sweep] the cluster has no GPU yet: trials wait for the autoscaler to add GPU workers "
+                  f"(sweep.resources.gpu={gpu})", file=sys.stderr)
+    return {"cpu": cpu, "gpu": gpu}
 
 
 def _row_from_result(result, ctx: TrialContext, models_dir: Path) -> dict:
@@ -157,17 +196,14 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
               f"{len(pending)} to run", file=sys.stderr)
     if not pending:
         return write_trials(list(done.values()), out_dir / "trials.parquet")
-    ensure_ray()
-    res = cfg.sweep.resources
-    cpu, gpu = float(res.get("cpu", 1)), float(res.get("gpu", 0))
+    started_here = ensure_ray()
     import ray
-    if gpu and not ray.cluster_resources().get("GPU"):
-        print(f"[sweep] no GPU in this Ray cluster: running trials on CPU (sweep.resources.gpu={gpu} ignored)", file=sys.stderr)
-        gpu = 0.0
+    resources = trial_resources(cfg.sweep.resources, started_here, ray.cluster_resources())
+    cpu = resources["cpu"]
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, ctx=ctx, threads=max(1, int(cpu)), checkpoint_every=cfg.sweep.checkpoint_every,
                              checkpoint_min_s=cfg.sweep.checkpoint_min_s),
-        {"cpu": cpu, "gpu": gpu})
+        resources)
     storage = cfg.sweep.storage or str((out_dir / "ray").resolve())
     exp_path = f"{storage.rstrip('/')}/sweep"
     # Which grid points the experiment in exp_path was started for: restoring it is right only if they are the

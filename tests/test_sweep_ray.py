@@ -1,4 +1,8 @@
-"""One end-to-end sweep on a real local Ray cluster (started here, never an existing one)."""
+"""The sweep on a real local Ray cluster (started here, never an existing one): fractional-GPU packing with a declared
+GPU on this CPU machine, then one end-to-end sweep; and which Ray the sweep joins."""
+import json
+import threading
+
 import pandas as pd
 import pytest
 import ray
@@ -8,6 +12,73 @@ from gradauth.config import parse_config
 from gradauth.data import load_dataset
 from gradauth.engine import evaluate
 from gradauth.pipeline import select_stage, sweep_stage, train_stage
+from gradauth.sweep import ensure_ray, started_local_ray, trial_resources
+
+
+def test_ensure_ray_starts_its_own_unless_told_to_join(monkeypatch):
+    """RAY_ADDRESS unset: a private local Ray (`address=None` would join any Ray running on the machine)."""
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    for value in (None, "", "local"):
+        if value is None:
+            monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        else:
+            monkeypatch.setenv("RAY_ADDRESS", value)
+        assert ensure_ray(num_cpus=2) is True
+        assert calls.pop()["address"] == "local"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # as `ray job submit` sets it for the driver
+    assert ensure_ray(num_cpus=2) is False
+    kw = calls.pop()
+    assert kw["address"] == "10.0.0.5:6379" and kw["num_cpus"] is None  # joining: the cluster's resources
+
+
+def test_gpu_request_dropped_only_on_a_local_ray_without_gpu(capsys):
+    asked = {"cpu": 2, "gpu": 0.25}
+    assert trial_resources(asked, True, {"CPU": 2.0}) == {"cpu": 2.0, "gpu": 0.0}          # laptop: run on CPU
+    assert trial_resources(asked, False, {"CPU": 4.0}) == {"cpu": 2.0, "gpu": 0.25}        # cluster: autoscaler adds GPUs
+    assert "wait for the autoscaler" in capsys.readouterr().err
+    assert trial_resources(asked, True, {"CPU": 8.0, "GPU": 1.0}) == {"cpu": 2.0, "gpu": 0.25}
+    assert trial_resources({"cpu": 1}, True, {"CPU": 2.0}) == {"cpu": 1.0, "gpu": 0.0}
+
+
+@pytest.fixture
+def fake_gpu_ray():
+    # One declared GPU that CUDA cannot see, and CPUs enough that the GPU is what bounds the packing.
+    ray.init(address="local", num_cpus=8, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_quarter_gpu_trials_pack_four_on_a_gpu_and_fall_back_to_cpu(fake_gpu_ray, tmp_path):
+    assert started_local_ray()
+    cfg = parse_config({
+        "name": "gpu", "data": {"name": "digits", "crop_pad": 1, "flip": False},
+        "model": {"arch": "vgg_tiny"}, "train": {"epochs": 2, "lr": 0.05},
+        "lock": {"mode": "rate", "values": [0.1, 0.2]},
+        "finetune": {"epochs": [1], "lr": [0.01], "seeds": [0, 1, 2]},
+        "sweep": {"lock_bound": 1.0, "resources": {"cpu": 1, "gpu": 0.25}}})
+    train_stage(cfg, tmp_path)
+    free_gpu, stop = [], threading.Event()
+
+    def watch():  # what the scheduler has left of the GPU while the sweep runs
+        while not stop.is_set():
+            free_gpu.append(ray.available_resources().get("GPU", 0.0))
+            stop.wait(0.02)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        df = sweep_stage(cfg, tmp_path)
+    finally:
+        stop.set()
+        watcher.join()
+    assert len(df) == 6 and set(df["status"]) == {"ok"}
+    # Six trials of 0.25 GPU, eight CPUs: four at once held the whole GPU (0 left), never more (never below 0).
+    assert min(free_gpu) == pytest.approx(0.0) and max(free_gpu) == pytest.approx(1.0)
+    last = [json.loads(p.read_text().splitlines()[-1]) for p in (tmp_path / "ray" / "sweep").glob("*/result.json")]
+    assert len(last) == 6
+    for r in last:
+        assert r["gpu_ids"] == ["0"] and r["device"] == "cpu"  # Ray's GPU 0, torch on CPU (no CUDA here)
 
 
 @pytest.fixture(scope="module")

@@ -75,3 +75,12 @@ def test_resume_keeps_the_base_unless_what_it_depends_on_changed(trained, tmp_pa
     shorter = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1))
     again = train_stage(shorter, tmp_path, resume=True)
     assert again["epochs"] == 1 and again["base_hash"] == shorter.base_hash() != cfg.base_hash()
+
+
+def test_git_sha_comes_from_the_environment_first(monkeypatch):
+    """A `ray job submit` working dir has no .git: the submitter passes the commit as GRADAUTH_GIT_SHA."""
+    from gradauth.pipeline import git_sha
+    monkeypatch.setenv("GRADAUTH_GIT_SHA", "0123456789ab")
+    assert git_sha() == "0123456789ab"
+    monkeypatch.delenv("GRADAUTH_GIT_SHA")
+    assert git_sha() != "0123456789ab"

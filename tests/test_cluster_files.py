@@ -10,7 +10,9 @@
 - Versions: wherever a cluster file names Ray, torch or torchvision, it must be pyproject.toml's pin, and the pip
   line that installs the nodes must be exactly pyproject's dependency list, so the files cannot drift apart.
 
-Both Ray helpers are private API. Ray is pinned exactly, and an upgrade that moves them fails here first.
+- The job upload (`ray job submit --working-dir .`): Ray's own packager over the repository, .rayignore applied.
+
+The Ray helpers are private API. Ray is pinned exactly, and an upgrade that moves them fails here first.
 Every check is a function returning its problems; the last tests break the files on purpose to show each one bites.
 """
 from __future__ import annotations
@@ -285,3 +287,16 @@ def test_drift_and_auth_checks_reject_broken_files():
     cramped = {"g5.xlarge": {"resources": {"CPU": 4, "GPU": 1}}}
     assert packing_problems(cramped, {"cpu": 2, "gpu": 0.25}) == [
         "g5.xlarge: 1 GPU hold 4 trials needing 8 CPUs, but it has 4"]
+
+
+def test_job_upload_is_the_code_without_results(tmp_path):
+    """`ray job submit --working-dir .` zips the repository as Ray's packager does (.gitignore and .rayignore
+    applied): the committed reference results stay out, the code and the sweeps go in, far below Ray's size cap."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE, create_package
+    create_package(str(ROOT), tmp_path / "job.zip", include_gitignore=True)
+    names = zipfile.ZipFile(tmp_path / "job.zip").namelist()
+    assert not [n for n in names if n.startswith("results/")]
+    assert {"gradauth/__main__.py", "sweeps/quickstart.yaml", "sweeps/cifar10-vgg19.yaml"} <= set(names)
+    assert (tmp_path / "job.zip").stat().st_size < min(5 * 2**20, GCS_STORAGE_MAX_SIZE // 10)

@@ -179,6 +179,33 @@ def _done_rows(out_dir: Path, specs: list[TrialSpec]) -> dict[str, dict]:
     return keep
 
 
+def _storage_file(storage: str, name: str):
+    """(pyarrow filesystem, path) of a file directly under the sweep storage: a local path, NFS, s3:// or gs://."""
+    import pyarrow.fs as pafs
+    if "://" not in storage:
+        return pafs.LocalFileSystem(), str(Path(storage).resolve() / name)
+    fs, path = pafs.FileSystem.from_uri(storage.rstrip("/"))
+    return fs, f"{path}/{name}"
+
+
+def _read_points(storage: str) -> list | None:
+    import pyarrow.fs as pafs
+    fs, path = _storage_file(storage, "sweep-points.json")
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
+
+
+def _write_points(storage: str, points: list[str]) -> None:
+    fs, path = _storage_file(storage, "sweep-points.json")
+    if "://" not in storage:
+        write_json(Path(path), points)  # atomic
+        return
+    with fs.open_output_stream(path) as f:  # one object PUT: all or nothing
+        f.write(json.dumps(points).encode())
+
+
 def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = False) -> pd.DataFrame:
     """Run every grid point as a Tune trial; write out_dir/trials.parquet and out_dir/models/<trial_id>.pt.
 
@@ -207,17 +234,17 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
     storage = cfg.sweep.storage or str((out_dir / "ray").resolve())
     exp_path = f"{storage.rstrip('/')}/sweep"
     # Which grid points the experiment in exp_path was started for: restoring it is right only if they are the
-    # points still missing (same config); after the grid changed, a fresh experiment runs the new points.
-    marker = out_dir / "ray" / "sweep-points.json"
+    # points still missing (same config); after the grid changed, a fresh experiment runs the new points. The
+    # marker lives in the storage next to the experiment, so a new head (output dir lost) can still restore it.
     points = sorted(s.trial_id for s in pending)
-    same = marker.is_file() and json.loads(marker.read_text()) == points
+    same = _read_points(storage) == points
     if resume and same and tune.Tuner.can_restore(exp_path):
         print(f"[sweep] resuming {exp_path}", file=sys.stderr)
         tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True)
     else:
         if not cfg.sweep.storage and Path(exp_path).exists():
             shutil.rmtree(exp_path)  # a fresh experiment must not mix with an old one's trials
-        write_json(marker, points)
+        _write_points(storage, points)
         tuner = tune.Tuner(
             trainable,
             param_space={"trial": tune.grid_search([asdict(s) for s in pending])},

@@ -1,6 +1,7 @@
 """The sweep on a real local Ray cluster (started here, never an existing one): fractional-GPU packing with a declared
 GPU on this CPU machine, then one end-to-end sweep; and which Ray the sweep joins."""
 import json
+import shutil
 import threading
 
 import pandas as pd
@@ -50,14 +51,14 @@ def fake_gpu_ray():
     ray.shutdown()
 
 
-def test_quarter_gpu_trials_pack_four_on_a_gpu_and_fall_back_to_cpu(fake_gpu_ray, tmp_path):
+def test_quarter_gpu_trials_pack_four_on_a_gpu_and_fall_back_to_cpu(fake_gpu_ray, tmp_path, capfd):
     assert started_local_ray()
     cfg = parse_config({
         "name": "gpu", "data": {"name": "digits", "crop_pad": 1, "flip": False},
         "model": {"arch": "vgg_tiny"}, "train": {"epochs": 2, "lr": 0.05},
         "lock": {"mode": "rate", "values": [0.1, 0.2]},
         "finetune": {"epochs": [1], "lr": [0.01], "seeds": [0, 1, 2]},
-        "sweep": {"lock_bound": 1.0, "resources": {"cpu": 1, "gpu": 0.25}}})
+        "sweep": {"lock_bound": 1.0, "resources": {"cpu": 1, "gpu": 0.25}, "storage": str(tmp_path / "shared")}})
     train_stage(cfg, tmp_path)
     free_gpu, stop = [], threading.Event()
 
@@ -75,10 +76,18 @@ def test_quarter_gpu_trials_pack_four_on_a_gpu_and_fall_back_to_cpu(fake_gpu_ray
     assert len(df) == 6 and set(df["status"]) == {"ok"}
     # Six trials of 0.25 GPU, eight CPUs: four at once held the whole GPU (0 left), never more (never below 0).
     assert min(free_gpu) == pytest.approx(0.0) and max(free_gpu) == pytest.approx(1.0)
-    last = [json.loads(p.read_text().splitlines()[-1]) for p in (tmp_path / "ray" / "sweep").glob("*/result.json")]
+    last = [json.loads(p.read_text().splitlines()[-1]) for p in (tmp_path / "shared" / "sweep").glob("*/result.json")]
     assert len(last) == 6
     for r in last:
         assert r["gpu_ids"] == ["0"] and r["device"] == "cpu"  # Ray's GPU 0, torch on CPU (no CUDA here)
+    # A new head node: the output dir kept only its inputs, the experiment is in sweep.storage (a stand-in for
+    # s3://). `--resume` restores it from there (nothing re-runs) and rebuilds trials.parquet and models/.
+    (tmp_path / "trials.parquet").unlink()
+    shutil.rmtree(tmp_path / "models")
+    again = sweep_stage(cfg, tmp_path, resume=True)
+    assert "[sweep] resuming" in capfd.readouterr().err
+    pd.testing.assert_frame_equal(again, df)
+    assert sorted(p.stem for p in (tmp_path / "models").glob("*.pt")) == sorted(df["trial_id"])
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@ one) and `augment` crops and flips a whole batch with a few tensor ops.
 """
 from __future__ import annotations
 
+import math
+
 import os
 import pickle
 from dataclasses import dataclass
@@ -106,8 +108,21 @@ def _split_train_val(x, y, val_fraction: float, seed: int) -> tuple[Split, Split
 
 
 def _stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    xf = x.float() / 255.0
-    return tuple(xf.mean((0, 2, 3)).tolist()), tuple(xf.std((0, 2, 3)).clamp_min(1e-3).tolist())
+    """Per-channel mean and std (unbiased) of uint8 images, in [0, 1] units, computed exactly from a histogram.
+
+    A float32 reduction's result depends on the thread count (the summation order): a sweep driver on another
+    machine, or a test reference computed with one thread, normalised a few ulps differently and its trials
+    diverged from the same base model. Integer sums are exact, so every machine gets the same bits."""
+    n = x.numel() // x.shape[1]
+    mean, std = [], []
+    for c in range(x.shape[1]):
+        counts = torch.bincount(x[:, c].reshape(-1), minlength=256).tolist()  # uint8 in, int64 counts out
+        s1 = sum(v * k for v, k in enumerate(counts))
+        s2 = sum(v * v * k for v, k in enumerate(counts))
+        mean.append(s1 / (n * 255))
+        var = (n * s2 - s1 * s1) / (n * (n - 1)) if n > 1 else 0.0  # exact integers, one rounding
+        std.append(max(math.sqrt(var) / 255, 1e-3))
+    return tuple(mean), tuple(std)
 
 
 def _digits(cfg: DataConfig, seed: int):

@@ -234,7 +234,7 @@ def steal(model: nn.Module, ds: Dataset, fraction: float, epochs: int, lr: float
     m = copy.deepcopy(model).to(ds.train.x.device)
     ft = cfg.finetune
     finetune(m, masks or {}, ds, Schedule(epochs, lr, fraction, "all", seed), batch_size=ft.batch_size,
-             momentum=ft.momentum, weight_decay=ft.weight_decay)
+             momentum=ft.momentum, weight_decay=ft.weight_decay, precision=ft.precision)
     return evaluate(m, ds, ds.test)
 
 

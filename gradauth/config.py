@@ -52,6 +52,7 @@ class TrainConfig:
     schedule: str = "cosine"        # cosine | step (÷10 at 50 % and 75 % of the epochs)
     sparsity: float = 1e-4          # λ of network slimming: λ·sign(γ) added to every BN γ gradient
     gamma_max: float = 1.0          # clamp γ to [0, gamma_max] after each step ("a" in the paper)
+    precision: str = "auto"         # auto (bf16 autocast + channels-last on a CUDA GPU with bf16, fp32 elsewhere) | fp32 | bf16
 
 
 @dataclass
@@ -84,6 +85,7 @@ class FinetuneConfig:
     batch_size: int = 64
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    precision: str = "auto"         # as train.precision, for every fine-tune trial
 
 
 @dataclass
@@ -203,6 +205,9 @@ def _validate(c: Config, problems: list[str]) -> None:
     problems += [f"`finetune.data_fraction` {f} is outside (0, 1]" for f in ft.data_fraction if not 0 < f <= 1]
     problems += [f"`finetune.scope` {s!r} is not one of {', '.join(SCOPES)}" for s in ft.scope if s not in SCOPES]
     problems += [f"`finetune.epochs` {e!r} must be a whole number ≥ 0" for e in ft.epochs if not isinstance(e, int) or e < 0]
+    for where, p in (("train", c.train.precision), ("finetune", c.finetune.precision)):
+        if p not in PRECISIONS:
+            problems.append(f"`{where}.precision` {p!r} is not one of {', '.join(PRECISIONS)}")
     res = c.sweep.resources
     if not isinstance(res, dict) or set(res) - {"cpu", "gpu"}:
         problems.append("`sweep.resources` must be a mapping with keys cpu and gpu, e.g. {cpu: 1, gpu: 0.25}")
@@ -210,6 +215,7 @@ def _validate(c: Config, problems: list[str]) -> None:
         problems.append(f"`select.targets` has {len(c.select.targets)} values but `select.levels` is {c.select.levels}")
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
 TOP_LEVEL = {"name", "seed", "data", "model", "train", "importance", "lock", "finetune", "sweep", "select", "release"}
 
 

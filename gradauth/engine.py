@@ -34,6 +34,17 @@ def lr_at(step: int, total: int, base_lr: float, schedule: str) -> float:
     return 0.5 * base_lr * (1 + math.cos(math.pi * frac))
 
 
+def fast_path(device: torch.device, precision: str = "auto") -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, channels-last?) for training on `device`.
+
+    `auto`: bf16 autocast and channels-last on a CUDA GPU that has bf16 (tensor cores take NHWC bf16 convolutions;
+    fp32 master weights and optimizer state, so no loss scaling), plain fp32 elsewhere: on a CPU neither helps.
+    `bf16` forces both (also on a CPU, for testing); `fp32` neither. Evaluation always runs in fp32."""
+    if precision == "fp32" or (precision == "auto" and not (device.type == "cuda" and torch.cuda.is_bf16_supported())):
+        return None, False
+    return torch.bfloat16, True
+
+
 @dataclass
 class FitSpec:
     epochs: int
@@ -43,6 +54,7 @@ class FitSpec:
     weight_decay: float = 1e-4
     schedule: str = "cosine"
     seed: int = 0
+    precision: str = "fp32"         # see fast_path
 
 
 def make_optimizer(params: Iterable[nn.Parameter], spec: FitSpec) -> torch.optim.Optimizer:
@@ -57,6 +69,19 @@ def fit(model: nn.Module, ds: Dataset, train: Split, spec: FitSpec, optimizer: t
     device = train.x.device
     steps_per_epoch = math.ceil(len(train) / spec.batch_size)
     total = steps_per_epoch * spec.epochs
+    amp, channels_last = fast_path(device, spec.precision)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
+    try:
+        _epochs(model, ds, train, spec, optimizer, start_epoch, steps_per_epoch, total, amp, fmt,
+                after_backward, after_step, on_epoch, progress)
+    finally:
+        model.to(memory_format=torch.contiguous_format)  # what compaction and saving expect
+
+
+def _epochs(model, ds, train, spec, optimizer, start_epoch, steps_per_epoch, total, amp, fmt,
+            after_backward, after_step, on_epoch, progress) -> None:
+    device = train.x.device
     for epoch in range(start_epoch, spec.epochs):
         model.train()
         gen = torch.Generator(device=device).manual_seed(spec.seed * 100_003 + epoch)
@@ -64,10 +89,11 @@ def fit(model: nn.Module, ds: Dataset, train: Split, spec: FitSpec, optimizer: t
         t0, loss_sum = time.perf_counter(), torch.zeros((), device=device)
         for i in range(steps_per_epoch):
             idx = perm[i * spec.batch_size:(i + 1) * spec.batch_size]
-            x, y = augment(train.x[idx], ds, gen), train.y[idx]
+            x, y = augment(train.x[idx], ds, gen).contiguous(memory_format=fmt), train.y[idx]
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(epoch * steps_per_epoch + i, total, spec.lr, spec.schedule)
-            loss = F.cross_entropy(model(x), y)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss = F.cross_entropy(model(x).float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if after_backward:

@@ -33,7 +33,7 @@ def scope_params(model: nn.Module, scope: str) -> list[nn.Parameter]:
 
 
 def finetune(model: nn.Module, masks: Masks, ds: Dataset, sched: Schedule, *, batch_size: int = 64,
-             momentum: float = 0.9, weight_decay: float = 1e-4, state: dict | None = None,
+             momentum: float = 0.9, weight_decay: float = 1e-4, precision: str = "fp32", state: dict | None = None,
              on_epoch: Callable[[int, torch.optim.Optimizer], None] | None = None, progress: str | None = None) -> nn.Module:
     """Fine-tune `model` (on ds's device) in place; `state` = {"epoch", "model", "optimizer"} resumes a checkpoint."""
     apply_masks(model, masks)
@@ -42,7 +42,7 @@ def finetune(model: nn.Module, masks: Masks, ds: Dataset, sched: Schedule, *, ba
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    spec = FitSpec(sched.epochs, sched.lr, batch_size, momentum, weight_decay, "cosine", sched.seed)
+    spec = FitSpec(sched.epochs, sched.lr, batch_size, momentum, weight_decay, "cosine", sched.seed, precision)
     opt = make_optimizer(params, spec)
     start = 0
     if state:

@@ -92,7 +92,7 @@ def trial_context(cfg: Config, out: Path, ds: Dataset | None = None) -> TrialCon
         scores[imp.label] = get_importance(imp)(model, ds)
     return TrialContext(model.state_dict(), spec, scores, ds, info["base_acc"], lock_bound(cfg, ds.num_classes),
                         cfg.finetune.batch_size, cfg.finetune.momentum, cfg.finetune.weight_decay,
-                        {"git_sha": git_sha(), "config_hash": cfg.hash()})
+                        {"git_sha": git_sha(), "config_hash": cfg.hash()}, cfg.finetune.precision)
 
 
 def sweep_stage(cfg: Config, out: Path, resume: bool = False, ds: Dataset | None = None):

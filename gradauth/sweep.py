@@ -65,13 +65,24 @@ def _report(metrics: dict, state: dict | None = None, model_bytes: bytes | None 
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
+def cap_gpu_memory(device: torch.device, fraction: float) -> float | None:
+    """Hold this process to `fraction` of its GPU's memory (a 0.25-GPU trial to a quarter), so four packed trials
+    cannot starve each other: one that outgrows its share fails alone with an out-of-memory error instead of taking
+    its neighbours down. Returns the cap set, or None (CPU, or a whole GPU)."""
+    if device.type != "cuda" or not 0 < fraction < 1:
+        return None
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction
+
+
 def tune_trainable(config: dict, ctx: TrialContext, threads: int = 1, checkpoint_every: int = 1,
-                   checkpoint_min_s: float = 0.0) -> None:
+                   checkpoint_min_s: float = 0.0, gpu_fraction: float = 0.0) -> None:
     """The Ray Tune function trainable: restore, run the plain trial, report the row (and the model) at the end."""
     from ray import tune
     torch.set_num_threads(threads)
     t = TrialSpec(**config["trial"])
     device = pick_device()
+    cap_gpu_memory(device, gpu_fraction)
     state = None
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
@@ -229,7 +240,7 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
     cpu = resources["cpu"]
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, ctx=ctx, threads=max(1, int(cpu)), checkpoint_every=cfg.sweep.checkpoint_every,
-                             checkpoint_min_s=cfg.sweep.checkpoint_min_s),
+                             checkpoint_min_s=cfg.sweep.checkpoint_min_s, gpu_fraction=resources["gpu"]),
         resources)
     storage = cfg.sweep.storage or str((out_dir / "ray").resolve())
     exp_path = f"{storage.rstrip('/')}/sweep"

@@ -22,7 +22,7 @@ def train_base(cfg: Config, ds: Dataset, device: torch.device, progress: bool = 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.arch, ds.num_classes, ds.in_channels, cfg.model.width).to(device)
     t = cfg.train
-    spec = FitSpec(t.epochs, t.lr, t.batch_size, t.momentum, t.weight_decay, t.schedule, cfg.seed)
+    spec = FitSpec(t.epochs, t.lr, t.batch_size, t.momentum, t.weight_decay, t.schedule, cfg.seed, t.precision)
     opt = make_optimizer(model.parameters(), spec)
     t0 = time.perf_counter()
     fit(model, ds, ds.train, spec, opt,

@@ -53,6 +53,7 @@ class TrialContext:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     provenance: dict | None = None  # git_sha, config_hash
+    precision: str = "auto"         # finetune.precision (engine.fast_path)
 
 
 def locked_model(ctx: TrialContext, t: TrialSpec) -> tuple[nn.Module, Masks]:
@@ -90,7 +91,7 @@ def run_trial(ctx: TrialContext, t: TrialSpec, device: torch.device, *, ds: Data
     if prun_acc > ctx.lock_bound:
         return row | {"status": "unlockable", "seconds": time.perf_counter() - t0}, None, masks
     finetune(model, masks, ds, t.schedule, batch_size=ctx.batch_size, momentum=ctx.momentum,
-             weight_decay=ctx.weight_decay, state=state,
+             weight_decay=ctx.weight_decay, precision=ctx.precision, state=state,
              on_epoch=(lambda e, opt: on_epoch(e, model, opt, masks)) if on_epoch else None, progress=progress)
     fine_acc, fine_top3 = evaluate(model, ds, ds.test)
     small = compact(model.cpu(), masks, ctx.spec.example())

@@ -51,7 +51,8 @@ def _plan(token: str, model_ref) -> Plan:
 
 def _to(st: Stats, device) -> Stats:
     move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
-    return Stats(st.n, st.pred.to(device), move(st.sd), move(st.dx), move(st.pos), move(st.idx))
+    return Stats(st.n, st.pred.to(device), move(st.sd), move(st.dx), move(st.pos), move(st.idx),
+                 move(st.y))
 
 
 @ray.remote

@@ -54,7 +54,9 @@ def profile(plan: Plan, x: torch.Tensor, batch: int = BATCH) -> dict[str, torch.
 class Stats:
     """What backward analysis needs for one batch, and nothing more (this is what crosses the wire on Ray).
 
-    sd: sign(Δ) of every neuron (int8). With θ > 0 also dx: Δ of every weighted-sum input (float32). pos: y > 0 of ReLUs; idx: arg-max positions of max-pools; pred: predicted class.
+    sd: sign(Δ) of every neuron (int8). With θ > 0 also dx: Δ of every weighted-sum input and y: the output of
+    every weighted sum (float32; the θ filter compares with |y|). pos: y > 0 of ReLUs; idx: arg-max positions of
+    max-pools; pred: predicted class.
     """
     n: int
     pred: torch.Tensor
@@ -62,9 +64,10 @@ class Stats:
     dx: dict[str, torch.Tensor] = field(default_factory=dict)
     pos: dict[str, torch.Tensor] = field(default_factory=dict)
     idx: dict[str, torch.Tensor] = field(default_factory=dict)
+    y: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def nbytes(self) -> int:
-        maps = (self.sd, self.dx, self.pos, self.idx)
+        maps = (self.sd, self.dx, self.pos, self.idx, self.y)
         return sum(t.numel() * t.element_size() for m in maps for t in m.values())
 
 
@@ -82,6 +85,7 @@ def forward_stats(plan: Plan, means: dict[str, torch.Tensor], x: torch.Tensor, t
         elif s.kind == "maxpool":
             st.idx[s.name] = _argmax(s, args[0])
         elif s.kind in weighted and theta > 0:
+            st.y[s.name] = val
             if s.parents[0] in means and s.parents[0] not in st.dx:
                 st.dx[s.parents[0]] = args[0] - means[s.parents[0]]
         if s.name == plan.logits:

@@ -198,9 +198,10 @@ def linear(s, c, st, theta, block, wanted) -> Contribs:
         return
     x = st.dx[p].reshape(-1, w.shape[1])
     g = g.reshape(-1, w.shape[0])
+    y = st.y[s.name].reshape(-1, w.shape[0])
     acc = torch.zeros_like(x)
     for r, o in _blocks(g, w.shape[1], block):
-        keep = kept(x[r], w[o], theta)
+        keep = kept(x[r], w[o], theta, y[r, o])
         acc.index_add_(0, r, g[r, o, None] * w[o].sign() * keep)
     yield p, acc.reshape(st.dx[p].shape) * _sd(st, p)
 
@@ -225,10 +226,10 @@ def conv(s, c, st, theta, block, wanted) -> Contribs:
         back = F.conv_transpose2d(g, m.weight.detach().sign(), None, m.stride, m.padding, opad, m.groups, m.dilation)
         yield p, back.round() * sd
         return
-    yield p, _conv_theta(m, g, st.dx[p], theta, block) * sd
+    yield p, _conv_theta(m, g, st.dx[p], st.y[s.name], theta, block) * sd
 
 
-def _conv_theta(m, g: torch.Tensor, dx: torch.Tensor, theta: float, block: int) -> torch.Tensor:
+def _conv_theta(m, g: torch.Tensor, dx: torch.Tensor, y: torch.Tensor, theta: float, block: int) -> torch.Tensor:
     """Σ_n g_n·sign(w)·keep over each input, for a conv at θ > 0; samples in groups so the unfold stays ≤ block."""
     n, cin, h, w_ = dx.shape
     cout, groups = m.out_channels, m.groups
@@ -242,10 +243,10 @@ def _conv_theta(m, g: torch.Tensor, dx: torch.Tensor, theta: float, block: int) 
         ns = cols.shape[0]
         xs = cols.view(ns, groups, kg, lo).permute(0, 3, 1, 2).reshape(-1, kg)          # (N·L·G) × kg
         acc = torch.zeros_like(xs)
-        gi = g[i:i + per]
+        gi, yi = g[i:i + per], y[i:i + per]
         for b, o, r_, c_ in _blocks(gi, kg, block):
             row = (b * lo + r_ * g.shape[3] + c_) * groups + o // (cout // groups)
-            keep = kept(xs[row], wm[o], theta)
+            keep = kept(xs[row], wm[o], theta, yi[b, o, r_, c_])
             acc.index_add_(0, row, gi[b, o, r_, c_, None] * wm[o].sign() * keep)
         back = acc.view(ns, lo, groups * kg).permute(0, 2, 1)
         out.append(F.fold(back, (h, w_), m.kernel_size, m.dilation, m.padding, m.stride).round())

@@ -148,7 +148,7 @@ def _one(arch: str, theta: float, prof, images, ray_on: bool) -> dict:
         "samples_per_s": {k: len(x) / v for k, v in times.items()}, "best": best, "s_per_sample": per_sample,
         "best_samples_per_s": 1 / per_sample, "profile_seconds": profile_s, "profile_samples": len(prof),
         "synapses_per_sample": work,
-        "stats_mb_per_batch": forward_stats(plan, means, x[:BATCHES[theta]], theta).nbytes() / 2 ** 20,
+        "stats_mb_per_batch": forward_stats(plan, means, x[:BATCHES[theta]], theta).compact().nbytes() / 2 ** 20,
         "speedup_vs_published": published / per_sample,
         "speedup_vs_loop_reference": ref["est_s_per_sample"] / per_sample,
         "loop_reference": ref, "target_vs_published": TARGETS[theta],

@@ -74,7 +74,7 @@ class ForwardWorker:
         self.means = {k: v.to(self.device) for k, v in means.items()}
 
     def stats(self, x: torch.Tensor, theta: float) -> Stats:
-        return _to(forward_stats(self.plan, self.means, x.to(self.device), theta), "cpu")
+        return _to(forward_stats(self.plan, self.means, x.to(self.device), theta).compact(), "cpu")
 
 
 @ray.remote(num_cpus=1)

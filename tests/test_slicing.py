@@ -9,7 +9,16 @@ from gradauth.errors import GradauthError
 from gradauth.models import bn_layers, build_model
 from gradauth.slicing import UnsupportedOp, channel_importance, slice_model, slice_partial
 from gradauth.slicing.reference import slice_loop
+from gradauth.slicing import kernel
 from gradauth.slicing.theta import exact_keep, kept
+from gradauth.slicing.vectorized import BLOCK, _conv_theta
+
+
+@pytest.fixture(autouse=True)
+def torch_theta_path(monkeypatch):
+    """The θ > 0 tests run the torch filter; the compiled one is checked against both in its own tests below
+    (so only they pay its first build)."""
+    monkeypatch.setenv("GRADAUTH_SLICING_KERNEL", "0")
 
 
 @pytest.fixture(autouse=True)
@@ -135,6 +144,63 @@ def _outputs(p: torch.Tensor, g: torch.Generator, integer: bool) -> torch.Tensor
              torch.where(torch.rand(r, generator=g) < 0.3, -1.0, 1.0)).float()
     y[torch.rand(r, generator=g) < 0.1] = 0.0
     return y
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    monkeypatch.setenv("GRADAUTH_SLICING_KERNEL", "1")
+    if not kernel.available():
+        pytest.skip("no C++ compiler for the θ kernel (the torch path is used then)")
+    calls = []
+    real = kernel.conv_theta
+    monkeypatch.setattr(kernel, "conv_theta", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("theta", [0.1, 0.3])
+@pytest.mark.parametrize("net", [ConvZoo, ResCat])
+def test_compiled_theta_kernel_equals_loop_reference(net, theta, compiled):
+    torch.manual_seed(0)
+    model = _randomise_bn(net())
+    prof, x = torch.randn(24, 3, 8, 8), torch.randn(3, 3, 8, 8)
+    _centre_head(model, prof)
+    fast = slice_partial(model, prof, x, theta, None, batch=2)
+    assert compiled  # the kernel ran
+    assert_same(fast, slice_loop(model, prof, x, theta, None))
+    assert 0 < total(fast) < total(slice_partial(model, prof, x, 0.0, None, batch=2))
+
+
+def test_compiled_theta_kernel_hands_undecidable_neurons_to_exact_arithmetic(compiled):
+    # small integers: equal |w·Δx| everywhere and running sums that hit θ·|y| exactly, which float64 margins
+    # cannot decide; the kernel must report those neurons and leave them out, and the torch path decides them
+    g = torch.Generator().manual_seed(3)
+    for conv in (nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2)):
+        conv.weight.data = torch.randint(-2, 3, conv.weight.shape, generator=g).float()
+        dx = torch.randint(-3, 4, (2, 4, 7, 7), generator=g).float()
+        out = conv(dx)
+        gs = torch.randint(-1, 2, out.shape, generator=g).float()
+        y = torch.randint(-12, 13, out.shape, generator=g).float()
+        for theta in (0.25, 0.5):
+            back, amb = kernel.conv_theta(conv, gs, dx, y, theta)
+            assert len(amb) > 0
+            ga = torch.zeros(gs.numel())
+            ga[amb] = gs.view(-1)[amb]
+            back += _conv_theta(conv, ga.view(gs.shape), dx, y, theta, BLOCK)
+            # × sign(Δx), as the conv rule applies it (the kernel skips inputs with Δx = 0: they get 0 either way)
+            assert torch.equal(back * dx.sign(), _conv_theta(conv, gs, dx, y, theta, BLOCK) * dx.sign())
+
+
+def test_theta_kernel_falls_back_without_a_compiler(monkeypatch):
+    import torch.utils.cpp_extension as ext
+    monkeypatch.setenv("GRADAUTH_SLICING_KERNEL", "1")
+    monkeypatch.setattr(kernel, "_TRIED", False)
+    monkeypatch.setattr(kernel, "_MODULE", None)
+    monkeypatch.setattr(ext, "load_inline", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no g++")))
+    assert not kernel.available()
+    model = _mlp()
+    assert slice_model(model, torch.zeros(1, 2), torch.tensor([[1.0, 2.0]]), 0.5)["4"].tolist() == [0, 1]
+    monkeypatch.setenv("GRADAUTH_SLICING_KERNEL", "0")
+    assert not kernel.available()
 
 
 def test_theta_filter_matches_exact_arithmetic_on_hard_rows():

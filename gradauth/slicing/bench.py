@@ -28,6 +28,7 @@ import torch
 from ..fsutil import write_json
 from ..models import build_model
 from . import slice_partial
+from . import kernel
 from .graph import Plan
 from .record import forward_stats, profile
 from .reference import OutOfTime, metered, slice_loop
@@ -220,6 +221,7 @@ def _summary(rows: list[dict]) -> str:
 def bench_slicing(out_path: Path) -> dict:
     from ..bench import _machine
     torch.set_num_threads(os.cpu_count() or 2)
+    kernel.available()  # its first build (if any) is not timed
     load_before = os.getloadavg()
     prof, images, data = _data(max(SAMPLES.values()))
     try:
@@ -233,6 +235,7 @@ def bench_slicing(out_path: Path) -> dict:
         "bench": "slicing", "machine": _machine(), "data": data,
         "load_average_before_after": [load_before, os.getloadavg()],  # the machine is shared: context for noise
         "settings": {"batch": BATCHES, "theta_block_elements": BLOCK, "torch_threads": torch.get_num_threads(),
+                     "theta_kernel": "compiled C++ (slicing/kernel.py)" if kernel.available() else "torch ops",
                      "reference_budget_s": REFERENCE_BUDGET_S},
         "published_s_per_sample": PUBLISHED_S_PER_SAMPLE, "runs": rows,
         "peak_memory": _memory_scaling(),

@@ -9,7 +9,16 @@ from gradauth.errors import GradauthError
 from gradauth.models import bn_layers, build_model
 from gradauth.slicing import UnsupportedOp, channel_importance, slice_model, slice_partial
 from gradauth.slicing.reference import slice_loop
+from gradauth.slicing import kernel
 from gradauth.slicing.theta import exact_keep, kept
+from gradauth.slicing.vectorized import BLOCK, _conv_theta
+
+
+@pytest.fixture(autouse=True)
+def torch_theta_path(monkeypatch):
+    """The θ > 0 tests run the torch filter; the compiled one is checked against both in its own tests below
+    (so only they pay its first build)."""
+    monkeypatch.setenv("GRADAUTH_SLICING_KERNEL", "0")
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +39,20 @@ def _randomise_bn(model, seed=0):
         bn.running_mean = torch.randn(bn.num_features, generator=g) * 0.1
         bn.running_var = torch.rand(bn.num_features, generator=g) + 0.5
     return model.eval()
+
+
+def _centre_head(model, prof):
+    """Set the last Linear's bias so the logits average 0 over the profiling set. θ compares with |y_n|, the
+    logit itself: a random head whose bias dwarfs the inputs' change would drop every input at θ > 0, leaving
+    nothing to compare; a trained head's logits are of the size of their change."""
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        head.bias -= model(prof).mean(0)
+    return model
+
+
+def total(part) -> int:
+    return sum(int(v.sum()) for v in part.channels.values())
 
 
 def assert_same(a, b):
@@ -101,10 +124,83 @@ def test_vectorised_equals_loop_reference(net, theta, target):
     torch.manual_seed(0)
     model = _randomise_bn(net())
     prof, x = torch.randn(24, 3, 8, 8), torch.randn(3, 3, 8, 8)
+    _centre_head(model, prof)
     fast = slice_partial(model, prof, x, theta, target, batch=2)  # batches of 2: batch sums are merged too
     ref = slice_loop(model, prof, x, theta, target)
     assert_same(fast, ref)
     assert nonzero_layers(fast) >= len(fast.channels) - 2  # the agreement is not between two empty slices
+    if theta:  # and θ really cuts: fewer contributions than θ = 0, but not none
+        assert 0 < total(fast) < total(slice_partial(model, prof, x, 0.0, target, batch=2))
+
+
+def _outputs(p: torch.Tensor, g: torch.Generator, integer: bool) -> torch.Tensor:
+    """Outputs y for rows of products p: the change Σp scaled by 1/4…4 (the profiled mean adds or cancels),
+    negated on some rows, exactly 0 on some, and on integer rows small integers so cuts can be exactly tight."""
+    r = p.shape[0]
+    if integer:
+        y = torch.randint(-12, 13, (r,), generator=g).float()
+    else:
+        y = (p.sum(1) * torch.exp2(torch.randint(-2, 3, (r,), generator=g)) *
+             torch.where(torch.rand(r, generator=g) < 0.3, -1.0, 1.0)).float()
+    y[torch.rand(r, generator=g) < 0.1] = 0.0
+    return y
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    monkeypatch.setenv("GRADAUTH_SLICING_KERNEL", "1")
+    if not kernel.available():
+        pytest.skip("no C++ compiler for the θ kernel (the torch path is used then)")
+    calls = []
+    real = kernel.conv_theta
+    monkeypatch.setattr(kernel, "conv_theta", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("theta", [0.1, 0.3])
+@pytest.mark.parametrize("net", [ConvZoo, ResCat])
+def test_compiled_theta_kernel_equals_loop_reference(net, theta, compiled):
+    torch.manual_seed(0)
+    model = _randomise_bn(net())
+    prof, x = torch.randn(24, 3, 8, 8), torch.randn(3, 3, 8, 8)
+    _centre_head(model, prof)
+    fast = slice_partial(model, prof, x, theta, None, batch=2)
+    assert compiled  # the kernel ran
+    assert_same(fast, slice_loop(model, prof, x, theta, None))
+    assert 0 < total(fast) < total(slice_partial(model, prof, x, 0.0, None, batch=2))
+
+
+def test_compiled_theta_kernel_hands_undecidable_neurons_to_exact_arithmetic(compiled):
+    # small integers: equal |w·Δx| everywhere and running sums that hit θ·|y| exactly, which float64 margins
+    # cannot decide; the kernel must report those neurons and leave them out, and the torch path decides them
+    g = torch.Generator().manual_seed(3)
+    for conv in (nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2)):
+        conv.weight.data = torch.randint(-2, 3, conv.weight.shape, generator=g).float()
+        dx = torch.randint(-3, 4, (2, 4, 7, 7), generator=g).float()
+        out = conv(dx)
+        gs = torch.randint(-1, 2, out.shape, generator=g).float()
+        y = torch.randint(-12, 13, out.shape, generator=g).float()
+        for theta in (0.25, 0.5):
+            back, amb = kernel.conv_theta(conv, gs, dx, y, theta)
+            assert len(amb) > 0
+            ga = torch.zeros(gs.numel())
+            ga[amb] = gs.view(-1)[amb]
+            back += _conv_theta(conv, ga.view(gs.shape), dx, y, theta, BLOCK)
+            # × sign(Δx), as the conv rule applies it (the kernel skips inputs with Δx = 0: they get 0 either way)
+            assert torch.equal(back * dx.sign(), _conv_theta(conv, gs, dx, y, theta, BLOCK) * dx.sign())
+
+
+def test_theta_kernel_falls_back_without_a_compiler(monkeypatch):
+    import torch.utils.cpp_extension as ext
+    monkeypatch.setenv("GRADAUTH_SLICING_KERNEL", "1")
+    monkeypatch.setattr(kernel, "_TRIED", False)
+    monkeypatch.setattr(kernel, "_MODULE", None)
+    monkeypatch.setattr(ext, "load_inline", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no g++")))
+    assert not kernel.available()
+    model = _mlp()
+    assert slice_model(model, torch.zeros(1, 2), torch.tensor([[1.0, 2.0]]), 0.5)["4"].tolist() == [0, 1]
+    monkeypatch.setenv("GRADAUTH_SLICING_KERNEL", "0")
+    assert not kernel.available()
 
 
 def test_theta_filter_matches_exact_arithmetic_on_hard_rows():
@@ -115,21 +211,33 @@ def test_theta_filter_matches_exact_arithmetic_on_hard_rows():
         ties_x = torch.randint(-3, 4, (64, k), generator=g).float()  # equal |w·Δx| and exactly tight cuts
         ties_w = torch.randint(-2, 3, (64, k), generator=g).float()
         wide = x * torch.exp(torch.randn(64, k, generator=g) * 8)   # 20+ octaves of dynamic range
-        for xs, ws in ((x, w), (ties_x, ties_w), (wide, w)):
+        for xs, ws, integer in ((x, w, False), (ties_x, ties_w, True), (wide, w, False)):
+            p = xs.double() * ws.double()
+            y = _outputs(p, g, integer)
             for theta in (0.1, 0.3, 1.0):
-                p = xs.double() * ws.double()
-                expect = torch.tensor([exact_keep(r.tolist(), theta) for r in p])
-                assert torch.equal(kept(xs, ws, theta), expect)
+                expect = torch.tensor([exact_keep(r.tolist(), theta, float(v)) for r, v in zip(p, y)])
+                got = kept(xs, ws, theta, y)
+                assert torch.equal(got, expect)
+                assert (~got).any() and got.any()  # cuts inside rows, not only all-or-nothing
 
 
 def test_theta_cut_by_hand():
-    # p = 0.5, -1, 2, 4: Δy = 5.5. Running sums in |p| order: 0.5, -0.5, 1.5, 5.5.
-    assert exact_keep([0.5, -1.0, 2.0, 4.0], 0.3) == [False, False, False, True]   # t = 1.65
-    assert exact_keep([0.5, -1.0, 2.0, 4.0], 0.25) == [False, False, True, True]   # t = 1.375 ≤ 1.5
-    assert exact_keep([1.0, 1.0, 2.0], 0.5) == [False, True, True]  # t = 2 = S_2: reaching t exactly keeps
-    assert exact_keep([2.0, -2.0, 1.0], 0.0) == [True, True, True]
-    assert exact_keep([1.0, -1.0], 0.5) == [True, True]              # Δy = 0: nothing is below 0
-    assert exact_keep([3.0, 3.0], 0.6) == [False, True]              # ties: the lower input index goes first
+    # p = 0.5, -1, 2, 4 (Δy = 5.5). Running sums in |p| order: 0.5, -0.5, 1.5, 5.5. t = θ·|y|, y the output.
+    assert exact_keep([0.5, -1.0, 2.0, 4.0], 0.3, 5.5) == [False, False, False, True]   # t = 1.65
+    assert exact_keep([0.5, -1.0, 2.0, 4.0], 0.25, 5.5) == [False, False, True, True]   # t = 1.375 ≤ 1.5
+    # y is the output (bias and mean included), not Δy: y = 4 gives t = 1.2 ≤ 1.5, so input 2 is kept too…
+    assert exact_keep([0.5, -1.0, 2.0, 4.0], 0.3, 4.0) == [False, False, True, True]
+    assert exact_keep([0.5, -1.0, 2.0, 4.0], 0.3, -4.0) == [False, False, True, True]   # …whatever y's sign
+    # …and y = 20 gives t = 6 > 5.5: no prefix reaches it, every input is dropped.
+    assert exact_keep([0.5, -1.0, 2.0, 4.0], 0.3, 20.0) == [False, False, False, False]
+    assert exact_keep([1.0, 1.0, 2.0], 0.5, 4.0) == [False, True, True]  # t = 2 = S_2: reaching t exactly keeps
+    assert exact_keep([2.0, -2.0, 1.0], 0.0, 1.0) == [True, True, True]
+    assert exact_keep([1.0, -1.0], 0.5, 0.0) == [True, True]              # y = 0: nothing is below 0
+    assert exact_keep([1.0, 2.0], 0.5, 1e-30) == [True, True]             # y ≈ 0: t ≈ 0, all kept
+    assert exact_keep([3.0, 3.0], 0.6, 6.0) == [False, True]              # ties: the lower input index goes first
+    x, w = torch.tensor([[0.5, -1.0, 2.0, 4.0]] * 3), torch.ones(3, 4)
+    assert kept(x, w, 0.3, torch.tensor([4.0, 20.0, 0.0])).tolist() == [
+        [False, False, True, True], [False] * 4, [True] * 4]
 
 
 # ---- golden: a 3-layer MLP by hand -----------------------------------------------------------------------------
@@ -151,7 +259,7 @@ def _mlp():
     # Class 0 (Δy = -4): relu2 gets sign(-4·1·4) = -1 and sign(-4·-1·8) = +1, so fc2 gets (-1, +1), and relu1's
     # unit 1 gets sign(-1·4·1·4) + sign(1·8·2·4) = 0.
     (0.0, 0, {"4": [1, 0], "3": [-1, 1], "2": [-1, 1], "1": [0, 0], "0": [0, 0]}),
-    # θ = 0.5 at class 1: fc3's p = (4, 8), t = 6: 4 is dropped (|S| = 4 < 6), 8 kept; fc2 unit 1: p = (0, 8),
+    # θ = 0.5 at class 1 (no biases, profile 0: y = Δy): fc3's p = (4, 8), t = 6: 4 is dropped (|S| = 4 < 6), 8 kept; fc2 unit 1: p = (0, 8),
     # t = 4: the 0 is dropped. Only the path through unit 1 survives.
     (0.5, None, {"4": [0, 1], "3": [0, 1], "2": [0, 1], "1": [0, 1], "0": [0, 1]}),
 ])
@@ -199,6 +307,7 @@ def test_project_models(arch, width, in_ch, size, loop):
     torch.manual_seed(0)
     model = _randomise_bn(build_model(arch, 10, in_ch, width))
     prof, x = torch.randn(16, in_ch, size, size), torch.randn(2, in_ch, size, size)
+    _centre_head(model, prof)
     s0 = slice_partial(model, prof, x, 0.0)
     s3 = slice_partial(model, prof, x, 0.3)
     outputs = {}
@@ -217,7 +326,7 @@ def test_project_models(arch, width, in_ch, size, loop):
     head = [k for k in s0.neurons if k in ("fc", "classifier")][0]
     assert int(s0.neurons[head].sum()) == 2                      # the criterion: one logit per input
     assert nonzero_layers(s0) > 0.9 * len(s0.channels)
-    assert sum(int(v.sum()) for v in s3.channels.values()) < sum(int(v.sum()) for v in s0.channels.values())
+    assert 0 < total(s3) < total(s0)
     if arch == "torchvision:resnet18":
         assert "layer1.0.relu#1" in s0.neurons  # BasicBlock's ReLU runs twice; both outputs are kept apart
     if loop:

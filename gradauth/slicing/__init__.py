@@ -12,9 +12,9 @@ Semantics (settled here; the loop reference in reference.py is their executable 
 - Δx_i is always the input neuron's own Δ (its output minus its profiled mean).
 - Conv2d / Linear: w_i is the weight; the bias is not an input; zero padding is not an input (contributes nothing).
   θ filter per output neuron (theta.py): sort inputs by |w_i·Δx_i| ascending, ties by input index, and drop the
-  longest prefix whose running sums all have |S_j| < θ·|Δy_n|, with Δy_n = Σ_i w_i·Δx_i (the bias cancels).
-  Sums are exact (no rounding). θ = 0, or Δy_n = 0, keeps every input; θ ≤ 1 always keeps at least one. (Not
-  |y_n|, the raw output: a neuron near its mean but far from 0 would then drop every input — see theta.py.)
+  longest prefix whose running sums all have |S_j| < θ·|y_n|, with y_n the neuron's output (float32 as the model
+  computes it, bias included), as the issue's contract says. Sums are exact (no rounding). θ = 0, or y_n = 0,
+  keeps every input; a neuron whose whole change stays below θ·|y_n| drops every input.
 - BatchNorm (eval, y = a·x + b with a = γ/√(var+ε)): w = a, so the parent gets sign(CONTRIB·Δy·γ·Δx_in): the
   scale's sign is part of the weight (a negative γ flips nothing in effect, since Δy ≈ a·Δx; γ = 0 — a locked
   channel — passes nothing). Residual add: each operand p gets sign(CONTRIB·Δy·Δx_p) (w = 1). ReLU: likewise,

@@ -51,7 +51,8 @@ def _plan(token: str, model_ref) -> Plan:
 
 def _to(st: Stats, device) -> Stats:
     move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
-    return Stats(st.n, st.pred.to(device), move(st.sd), move(st.dx), move(st.pos), move(st.idx))
+    return Stats(st.n, st.pred.to(device), move(st.sd), move(st.dx), move(st.pos), move(st.idx),
+                 move(st.y))
 
 
 @ray.remote
@@ -73,7 +74,7 @@ class ForwardWorker:
         self.means = {k: v.to(self.device) for k, v in means.items()}
 
     def stats(self, x: torch.Tensor, theta: float) -> Stats:
-        return _to(forward_stats(self.plan, self.means, x.to(self.device), theta), "cpu")
+        return _to(forward_stats(self.plan, self.means, x.to(self.device), theta).compact(), "cpu")
 
 
 @ray.remote(num_cpus=1)

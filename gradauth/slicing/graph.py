@@ -161,6 +161,8 @@ def _forward(step: Step, args: tuple, kwargs: dict):
     if step.op is not None:
         return step.op(args[0])
     if n.op == "call_method":
+        if n.target == "view":  # a view needs the logical (NCHW) layout the model was written for
+            return args[0].contiguous().view(*args[1:], **kwargs)
         return getattr(args[0], n.target)(*args[1:], **kwargs)
     return n.target(*args, **kwargs)
 
@@ -176,7 +178,9 @@ def run(plan: Plan, x: torch.Tensor, visit: Callable[[Step, Any, tuple], None] |
         if s.kind == "output":
             return env[s.parents[0]]
         if s.kind == "input":
-            val = x
+            # channels-last: oneDNN's direct convolutions run about twice as fast as on NCHW at CIFAR sizes, and
+            # every map after the first conv keeps the layout (profile, forward stats and the record all run here)
+            val = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
         elif s.kind == "const":
             val = _get_attr(plan.gm, n.target)
         else:

@@ -54,7 +54,9 @@ def profile(plan: Plan, x: torch.Tensor, batch: int = BATCH) -> dict[str, torch.
 class Stats:
     """What backward analysis needs for one batch, and nothing more (this is what crosses the wire on Ray).
 
-    sd: sign(Δ) of every neuron (int8). With θ > 0 also dx: Δ of every weighted-sum input (float32). pos: y > 0 of ReLUs; idx: arg-max positions of max-pools; pred: predicted class.
+    sd: sign(Δ) of every neuron (float32 in process, int8 once `compact`). With θ > 0 also dx: Δ of every weighted-sum input and y: the output of
+    every weighted sum (float32; the θ filter compares with |y|). pos: y > 0 of ReLUs; idx: arg-max positions of
+    max-pools; pred: predicted class.
     """
     n: int
     pred: torch.Tensor
@@ -62,9 +64,17 @@ class Stats:
     dx: dict[str, torch.Tensor] = field(default_factory=dict)
     pos: dict[str, torch.Tensor] = field(default_factory=dict)
     idx: dict[str, torch.Tensor] = field(default_factory=dict)
+    y: dict[str, torch.Tensor] = field(default_factory=dict)
+    sdf: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # backward's float32 copies of sd/pos
+
+    def compact(self) -> "Stats":
+        """The same statistics with the signs as int8, for the wire (in process they stay float32: backward
+        multiplies them with float maps, and float×float runs several times faster than float×int8)."""
+        return Stats(self.n, self.pred, {k: v.to(torch.int8) for k, v in self.sd.items()}, self.dx, self.pos,
+                     self.idx, self.y)
 
     def nbytes(self) -> int:
-        maps = (self.sd, self.dx, self.pos, self.idx)
+        maps = (self.sd, self.dx, self.pos, self.idx, self.y)
         return sum(t.numel() * t.element_size() for m in maps for t in m.values())
 
 
@@ -76,18 +86,27 @@ def forward_stats(plan: Plan, means: dict[str, torch.Tensor], x: torch.Tensor, t
     def visit(s: Step, val, args):
         if s.name not in means or not isinstance(val, torch.Tensor):
             return
-        st.sd[s.name] = torch.sign(val - means[s.name]).to(torch.int8)
+        st.sd[s.name] = torch.sub(val, _like(means[s.name], val)).sign_()
         if s.kind == "relu":
             st.pos[s.name] = val > 0
         elif s.kind == "maxpool":
             st.idx[s.name] = _argmax(s, args[0])
         elif s.kind in weighted and theta > 0:
+            st.y[s.name] = val
             if s.parents[0] in means and s.parents[0] not in st.dx:
-                st.dx[s.parents[0]] = args[0] - means[s.parents[0]]
+                st.dx[s.parents[0]] = args[0] - _like(means[s.parents[0]], args[0])
         if s.name == plan.logits:
             st.pred = val.argmax(1)  # first maximum on ties
     run(plan, x, visit)
     return st
+
+
+def _like(mean: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+    """The mean in the memory layout of the batch it is subtracted from (a channels-last map minus an NCHW mean
+    is a strided loop, several times slower). Same values, same float subtraction."""
+    if val.dim() == 4 and val.is_contiguous(memory_format=torch.channels_last):
+        return mean[None].contiguous(memory_format=torch.channels_last)
+    return mean
 
 
 def _argmax(s: Step, x: torch.Tensor) -> torch.Tensor:

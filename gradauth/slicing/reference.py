@@ -100,7 +100,7 @@ def _wanted(plan: Plan, p: str, rec: dict) -> bool:
 
 
 def _elementwise(s: Step, rec, contrib, plan, weight=lambda idx: 1.0, gate=lambda idx: True):
-    c, (y, dy) = contrib[s.name], rec[s.name]
+    c, dy = contrib[s.name], rec[s.name][1]
     for p in s.parents:
         if not _wanted(plan, p, rec):
             continue
@@ -146,7 +146,7 @@ def _windowed(s, rec, contrib, plan, window):
     p = s.parents[0]
     if not _wanted(plan, p, rec):
         return
-    c, (y, dy), (x, dx) = contrib[s.name], rec[s.name], rec[p]
+    c, dy, (x, dx) = contrib[s.name], rec[s.name][1], rec[p]
     for ch, i, j in itertools.product(*map(range, c.shape)):
         if c[ch, i, j]:
             for a, b in window(x[ch], i, j):
@@ -199,7 +199,7 @@ def _weighted(s, rec, contrib, theta, plan, synapses):
         if not g:
             continue
         syn = synapses(idx)
-        keep = exact_keep([w * float(dx[i]) for i, w in syn], theta) if theta else [True] * len(syn)
+        keep = exact_keep([w * float(dx[i]) for i, w in syn], theta, float(y[idx])) if theta else [True] * len(syn)
         for (i, w), k in zip(syn, keep):
             if k:
                 contrib[p][i] += g * _sign(w) * _sign(dx[i])

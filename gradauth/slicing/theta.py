@@ -1,15 +1,15 @@
 """The θ filter of weighted sums, decided exactly.
 
 For one output neuron n with inputs i: p_i = w_i·Δx_i. Sort the inputs by |p_i| ascending (ties: lower input
-index first) and drop the longest prefix whose running sums S_j = p_(1) + … + p_(j) all satisfy
-|S_j| < θ·|Δy_n|; every input after it is kept. Δy_n here is Σ_i p_i, the neuron's change as its inputs explain it
-(the bias cancels; it equals output − mean up to float rounding). So θ is the share of the neuron's change that may
-be dropped, and since |S_K| = |Δy_n| ≥ θ·|Δy_n| for θ ≤ 1, at least one input is always kept. (Normalising by
-the raw output |y_n| instead drops every input of any neuron that sits near its mean but far from zero: on a
-random test network θ = 0.1 already emptied the whole slice.) With Δy_n = 0 nothing is below 0: all are kept.
+index first) and drop the longest prefix whose running sums S_j = p_(1) + … + p_(j) all satisfy |S_j| < θ·|y_n|;
+every input after it is kept. y_n is the neuron's OUTPUT value as the model computed it (float32, bias included),
+as the slicing issue's contract says: θ is the share of the neuron's value that its dropped inputs may carry.
+With y_n = 0 nothing is below 0, so every input is kept ("keep all when |y_n| is ~0": as |y_n| shrinks the
+threshold shrinks with it, down to keeping all). When even the whole sum stays below θ·|y_n| (a neuron whose
+value is mostly its profiled mean or bias, not its inputs' change) every input is dropped.
 
 "Exactly" means over the reals: p_i is a product of two float32 values, which a float64 holds without rounding,
-θ·|Δy_n| is the exact product of the Python float θ and the exact sum, and S_j are exact sums. So the result
+θ·|y_n| is the exact product of the Python float θ and the float32 y_n, and S_j are exact sums. So the result
 does not depend on summation order, which is what lets a vectorised version, the per-neuron loop reference and
 chunked or distributed runs agree bit for bit.
 
@@ -17,8 +17,8 @@ chunked or distributed runs agree bit for bit.
 with tensor ops and never sorts a whole row: |p| is binned by the bits of its float32 value (a monotone key, up to
 K bins per row over 12 octaves), per-bin sums bound the running sum at every bin boundary, and only the elements
 of the few bins where the cut can lie are sorted, by their exact float64 value. Float64
-sums carry a rigorous error margin; a row the margin cannot decide (|S_j| within rounding of θ·|y_n|) is handed
-to `exact_keep`, so the fast path is exact, not approximately so.
+sums and the float64 product θ·|y_n| carry a rigorous error margin; a row the margin cannot decide (|S_j| within
+rounding of θ·|y_n|) is handed to `exact_keep`, so the fast path is exact, not approximately so.
 """
 from __future__ import annotations
 
@@ -31,20 +31,19 @@ OCTAVES = 12          # bins span this many octaves below the row's largest |p|;
 EPS = 2.0 ** -52      # twice float64's unit roundoff: the margins below are 2× the textbook bounds
 
 
-def exact_keep(p: Sequence[float], theta: float) -> list[bool]:
-    """keep[i] for one neuron, in exact integer arithmetic (every float is a dyadic rational)."""
+def exact_keep(p: Sequence[float], theta: float, y: float) -> list[bool]:
+    """keep[i] for one neuron with products p and output y, in exact arithmetic (floats are dyadic rationals)."""
     ratios = [float(v).as_integer_ratio() for v in p]
     den = max([d for _, d in ratios], default=1)  # all powers of two: the largest is a common multiple
     ints = [n * (den // d) for n, d in ratios]
-    th_num, th_den = Fraction(theta).as_integer_ratio()
-    bound = th_num * abs(sum(ints))               # |S_j| < θ·|Δy|  ⇔  |S_j|·th_den < th_num·|Σ p|
+    bound = Fraction(theta) * abs(Fraction(float(y))) * den  # |S_j| < θ·|y|, everything scaled by den
     if bound == 0:
         return [True] * len(p)
     order = sorted(range(len(p)), key=lambda i: (abs(ints[i]), i))
     s, cut = 0, len(order)
     for j, i in enumerate(order):
         s += ints[i]
-        if abs(s) * th_den >= bound:
+        if abs(s) >= bound:
             cut = j
             break
     keep = [True] * len(p)
@@ -53,17 +52,19 @@ def exact_keep(p: Sequence[float], theta: float) -> list[bool]:
     return keep
 
 
-def kept(x: torch.Tensor, w: torch.Tensor, theta: float) -> torch.Tensor:
-    """keep mask (R×K bool) for R neurons, from their inputs `x` (Δx) and weights `w` (R×K float32)."""
+def kept(x: torch.Tensor, w: torch.Tensor, theta: float, y: torch.Tensor) -> torch.Tensor:
+    """keep mask (R×K bool) for R neurons, from their inputs `x` (Δx), weights `w` (R×K float32) and outputs
+    `y` (R, float32)."""
     keep = torch.ones(x.shape, dtype=torch.bool)
     if theta <= 0 or not x.numel():
         return keep
-    live = ((x != 0) & (w != 0)).any(1)  # all products 0: every contribution is 0 and keep is moot
+    # All products 0: every contribution is 0 and keep is moot. y = 0: nothing is below 0, all are kept.
+    live = ((x != 0) & (w != 0)).any(1) & (y != 0)
     if bool(live.all()):
-        return _kept_live(x, w, theta)
+        return _kept_live(x, w, theta, y)
     rows = torch.nonzero(live).flatten()
     if len(rows):
-        keep[rows] = _kept_live(x[rows], w[rows], theta)
+        keep[rows] = _kept_live(x[rows], w[rows], theta, y[rows])
     return keep
 
 
@@ -81,7 +82,7 @@ def _bins(a: torch.Tensor) -> tuple[torch.Tensor, int]:
     return (key - key.amax(1, keepdim=True) + (nb - 1)).clamp_(min=0).long(), nb
 
 
-def _kept_live(x: torch.Tensor, w: torch.Tensor, theta: float) -> torch.Tensor:
+def _kept_live(x: torch.Tensor, w: torch.Tensor, theta: float, y: torch.Tensor) -> torch.Tensor:
     r, k = x.shape
     p = x * w  # float32, rounded: only bins and bounds use it; every value that is compared is exact
     a = p.abs()
@@ -93,9 +94,9 @@ def _kept_live(x: torch.Tensor, w: torch.Tensor, theta: float) -> torch.Tensor:
     end = torch.cumsum(tot, 1)
     start = end - tot
     # Error of any sum below: each float32 product is within 2^-24 of exact (plus underflow, < 2^-149 each), and
-    # float64 sums of ≤ 2K + B terms add (2K + B)·u·Σ|p|; t = θ·|Σ p| inherits θ times that.
-    t = theta * end[:, -1].abs()
-    margin = (1 + theta) * (((2 * k + nb + 8) * EPS + 2.0 ** -23) * mag.sum(1) + k * 2.0 ** -148)
+    # float64 sums of ≤ 2K + B terms add (2K + B)·u·Σ|p|; t = θ·|y| is one float64 product, within u·t.
+    t = theta * y.double().abs()
+    margin = ((2 * k + nb + 8) * EPS + 2.0 ** -23) * mag.sum(1) + k * 2.0 ** -148 + EPS * t
     # The cut lies between the first bin that is not surely dropped whole and the first bin by whose end the
     # running sum has surely reached t: only the elements of those bins are sorted.
     # Inside bin b the running sum stays within [S_b - neg_b, S_b + pos_b], whatever the order.
@@ -108,9 +109,9 @@ def _kept_live(x: torch.Tensor, w: torch.Tensor, theta: float) -> torch.Tensor:
     # No cut found: every prefix stays below t (possible for θ > 1), so every input is dropped.
     keep = ((b > hi[:, None]) | inrange) & found[:, None]
     keep[drop_r, drop_c] = False
-    amb |= t <= margin  # Δy may be exactly 0 (keep all) or just tiny: only exact arithmetic can tell
+    amb |= t <= margin  # a threshold this close to 0 is for exact arithmetic to compare
     for i in torch.nonzero(amb).flatten().tolist():
-        keep[i] = torch.tensor(exact_keep((x[i].double() * w[i].double()).tolist(), theta))
+        keep[i] = torch.tensor(exact_keep((x[i].double() * w[i].double()).tolist(), theta, float(y[i])))
     return keep
 
 

@@ -34,17 +34,17 @@ ROOT = Path(__file__).resolve().parents[1]
 LEVELS = [(0.2, 3), (0.3, 3), (0.4, 6)]
 
 
-def build_tiny_sweep(out: Path) -> Path:
+def build_tiny_sweep(out: Path, plan=LEVELS) -> Path:
     """A sweep output dir without Ray: base model, 3 levels × 2 seeds of trials with their models, levels.json."""
     raw = yaml.safe_load((ROOT / "sweeps" / "quickstart.yaml").read_text())
     raw["train"]["epochs"] = 15
-    raw["lock"]["values"] = [v for v, _ in LEVELS]
-    raw["finetune"] = {"epochs": sorted({e for _, e in LEVELS}), "lr": [0.01], "seeds": [0, 1]}
+    raw["lock"]["values"] = [v for v, _ in plan]
+    raw["finetune"] = {"epochs": sorted({e for _, e in plan}), "lr": [0.01], "seeds": [0, 1]}
     cfg = parse_config(raw)
     train_stage(cfg, out)
     ctx = trial_context(cfg, out)
     rows, levels = [], []
-    for k, (rate, epochs) in enumerate(LEVELS, 1):
+    for k, (rate, epochs) in enumerate(plan, 1):
         mine = []
         for seed in (0, 1):
             t = TrialSpec("bn_gamma", "rate", rate, epochs, 0.01, 1.0, "all", seed)

@@ -6,7 +6,6 @@ one) and `augment` crops and flips a whole batch with a few tensor ops.
 from __future__ import annotations
 
 import math
-
 import os
 import pickle
 from dataclasses import dataclass

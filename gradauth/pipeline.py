@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from .checkpoint import load_model_file, rebuild, save_model
 from .config import Config, dump_config, load_config, parse_config
 from .data import Dataset, load_dataset

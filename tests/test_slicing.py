@@ -117,14 +117,20 @@ class ResCat(nn.Module):
         return self.fc2(z)
 
 
-@pytest.mark.parametrize("theta", [0.0, 0.1, 0.3])
-@pytest.mark.parametrize("target", [None, 1])
-@pytest.mark.parametrize("net", [ConvZoo, ResCat])
-def test_vectorised_equals_loop_reference(net, theta, target):
+def _random_case(net):
+    """A seeded random `net` with randomised BN and a centred head, 24 profiling inputs and 3 inputs to slice."""
     torch.manual_seed(0)
     model = _randomise_bn(net())
     prof, x = torch.randn(24, 3, 8, 8), torch.randn(3, 3, 8, 8)
     _centre_head(model, prof)
+    return model, prof, x
+
+
+@pytest.mark.parametrize("theta", [0.0, 0.1, 0.3])
+@pytest.mark.parametrize("target", [None, 1])
+@pytest.mark.parametrize("net", [ConvZoo, ResCat])
+def test_vectorised_equals_loop_reference(net, theta, target):
+    model, prof, x = _random_case(net)
     fast = slice_partial(model, prof, x, theta, target, batch=2)  # batches of 2: batch sums are merged too
     ref = slice_loop(model, prof, x, theta, target)
     assert_same(fast, ref)
@@ -160,10 +166,7 @@ def compiled(monkeypatch):
 @pytest.mark.parametrize("theta", [0.1, 0.3])
 @pytest.mark.parametrize("net", [ConvZoo, ResCat])
 def test_compiled_theta_kernel_equals_loop_reference(net, theta, compiled):
-    torch.manual_seed(0)
-    model = _randomise_bn(net())
-    prof, x = torch.randn(24, 3, 8, 8), torch.randn(3, 3, 8, 8)
-    _centre_head(model, prof)
+    model, prof, x = _random_case(net)
     fast = slice_partial(model, prof, x, theta, None, batch=2)
     assert compiled  # the kernel ran
     assert_same(fast, slice_loop(model, prof, x, theta, None))

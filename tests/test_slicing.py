@@ -193,6 +193,27 @@ def test_compiled_theta_kernel_hands_undecidable_neurons_to_exact_arithmetic(com
             assert torch.equal(back * dx.sign(), _conv_theta(conv, gs, dx, y, theta, BLOCK) * dx.sign())
 
 
+@pytest.mark.parametrize("theta", [0.1, 0.3])
+def test_compiled_theta_kernel_on_wide_windows(theta, compiled):
+    # Windows of 576 inputs spread over dozens of bins: the walk skips whole blocks, brackets the cut across
+    # several bins and packs candidates in 8-lane steps (the small nets above have windows of at most 72 inputs).
+    # The float32 pass and the float64-only pass must both agree with the torch path on every neuron.
+    g = torch.Generator().manual_seed(5)
+    for conv in (nn.Conv2d(64, 32, 3, padding=1), nn.Conv2d(64, 32, 3, stride=2, padding=2, dilation=2, groups=2)):
+        nn.init.normal_(conv.weight, generator=g)
+        dx = torch.randn(2, 64, 6, 6, generator=g) * torch.exp2(torch.randint(-6, 7, (2, 64, 6, 6), generator=g))
+        dx[torch.rand(dx.shape, generator=g) < 0.1] = 0.0  # dead inputs, as after a ReLU
+        out = conv(dx).detach()
+        gs = torch.randint(-1, 2, out.shape, generator=g).float()
+        y = out * torch.exp2(torch.randint(-2, 3, out.shape, generator=g))  # |y| of the size of the change
+        want = _conv_theta(conv, gs, dx, y, theta, BLOCK) * dx.sign()
+        for float_pass in (True, False):
+            back, amb = kernel.conv_theta(conv, gs, dx, y, theta, float_pass)
+            assert len(amb) == 0
+            assert torch.equal(back * dx.sign(), want)
+        assert 0 < want.abs().sum() < (gs.abs().sum() * conv.weight[0].numel())  # θ cuts, but not everything
+
+
 def test_theta_kernel_falls_back_without_a_compiler(monkeypatch):
     import torch.utils.cpp_extension as ext
     monkeypatch.setenv("GRADAUTH_SLICING_KERNEL", "1")

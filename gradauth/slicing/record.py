@@ -6,6 +6,7 @@ on identical batches and get identical means and Δ, bit for bit (on the same ki
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -101,11 +102,20 @@ def forward_stats(plan: Plan, means: dict[str, torch.Tensor], x: torch.Tensor, t
     return st
 
 
+_CHANNELS_LAST: dict[int, tuple[weakref.ref, torch.Tensor]] = {}  # id(mean) -> (mean, its channels-last copy)
+
+
 def _like(mean: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
     """The mean in the memory layout of the batch it is subtracted from (a channels-last map minus an NCHW mean
-    is a strided loop, several times slower). Same values, same float subtraction."""
+    is a strided loop, several times slower). Same values, same float subtraction. The channels-last copy is
+    made once per mean, not once per batch (at one input per batch the copies cost as much as the subtraction)."""
     if val.dim() == 4 and val.is_contiguous(memory_format=torch.channels_last):
-        return mean[None].contiguous(memory_format=torch.channels_last)
+        hit = _CHANNELS_LAST.get(id(mean))
+        if hit is None or hit[0]() is not mean:  # (tensors compare elementwise: keyed by identity, held weakly)
+            key = id(mean)
+            hit = _CHANNELS_LAST[key] = (weakref.ref(mean, lambda _: _CHANNELS_LAST.pop(key, None)),
+                                         mean[None].contiguous(memory_format=torch.channels_last))
+        return hit[1]
     return mean
 
 

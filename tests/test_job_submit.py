@@ -196,6 +196,16 @@ def test_quickstart_sweep_as_a_ray_job(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         assert json.loads(r.stdout.strip().splitlines()[-1]) == [False, {"cpu": 1.0, "gpu": 0.25}]
 
+        # Without RAY_ADDRESS (a laptop run that happens to share the machine with this node) the driver starts
+        # a Ray of its own instead of joining the one that is running.
+        probe = ("import json, ray; from gradauth.sweep import ensure_ray; s = ensure_ray(num_cpus=1); "
+                 "print(json.dumps([s, ray.get_runtime_context().gcs_address]))")
+        r = subprocess.run([sys.executable, "-c", probe], env=env | {"PYTHONPATH": str(ROOT)}, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-3000:]
+        started, gcs_address = json.loads(r.stdout.strip().splitlines()[-1])
+        assert started is True and gcs_address != f"127.0.0.1:{gcs}"
+
         stamp("probe done")
         # The documented submission: the repository as working dir (.rayignore keeps results/ and .git out), the
         # commit passed in the runtime env because the uploaded copy has no .git.

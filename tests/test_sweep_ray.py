@@ -13,25 +13,7 @@ from gradauth.config import parse_config
 from gradauth.data import load_dataset
 from gradauth.engine import evaluate
 from gradauth.pipeline import select_stage, sweep_stage, train_stage
-from gradauth.sweep import ensure_ray, started_local_ray, trial_resources
-
-
-def test_ensure_ray_starts_its_own_unless_told_to_join(monkeypatch):
-    """RAY_ADDRESS unset: a private local Ray (`address=None` would join any Ray running on the machine)."""
-    calls = []
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
-    for value in (None, "", "local"):
-        if value is None:
-            monkeypatch.delenv("RAY_ADDRESS", raising=False)
-        else:
-            monkeypatch.setenv("RAY_ADDRESS", value)
-        assert ensure_ray(num_cpus=2) is True
-        assert calls.pop()["address"] == "local"
-    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # as `ray job submit` sets it for the driver
-    assert ensure_ray(num_cpus=2) is False
-    kw = calls.pop()
-    assert kw["address"] == "10.0.0.5:6379" and kw["num_cpus"] is None  # joining: the cluster's resources
+from gradauth.sweep import started_local_ray, trial_resources
 
 
 def test_gpu_request_dropped_only_on_a_local_ray_without_gpu(capsys):

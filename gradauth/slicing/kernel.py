@@ -159,6 +159,7 @@ Outcome neuron(Scratch& S, const float* wr, const float* xp, float gv, double t,
   // whatever the order, so a whole block of BLK bins is passed with one test while no sum can reach t.
   double e = 0, s0 = 0;
   int lo = -1, hi = NB - 1;
+  bool reached = false;  // some bin end surely past t
   for (int b = bmin; b < NB; ++b) {
     if (lo < 0 && b % BLK == 0) {
       double pB = 0, nB = 0;
@@ -171,7 +172,7 @@ Outcome neuron(Scratch& S, const float* wr, const float* xp, float gv, double t,
       lo = b; s0 = e;
     }
     e += pb - nb;
-    if (std::fabs(e) >= t + M) { hi = b; break; }
+    if (std::fabs(e) >= t + M) { hi = b; reached = true; break; }
   }
   if (lo < 0) return DROPPED;  // every running sum stays below t
   // The inputs of bins lo..hi (a few percent of the window), grouped by bin (counting sort; input order inside a
@@ -213,8 +214,8 @@ Outcome neuron(Scratch& S, const float* wr, const float* xp, float gv, double t,
     }
     s0 = s;  // the bin held no cut: s is its full sum
   }
-  // a bin end surely past t (hi < NB - 1) with no cut before it cannot happen in exact arithmetic
-  return hi < NB - 1 ? AMBIGUOUS : DROPPED;
+  // a bin end surely past t with no cut before it cannot happen in exact arithmetic
+  return reached ? AMBIGUOUS : DROPPED;
 }
 }  // namespace
 

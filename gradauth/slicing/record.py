@@ -102,7 +102,8 @@ def forward_stats(plan: Plan, means: dict[str, torch.Tensor], x: torch.Tensor, t
     return st
 
 
-_CHANNELS_LAST: dict[int, tuple[weakref.ref, torch.Tensor]] = {}  # id(mean) -> (mean, its channels-last copy)
+# id(mean) -> (mean, its version, its channels-last copy)
+_CHANNELS_LAST: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
 
 
 def _like(mean: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
@@ -111,11 +112,12 @@ def _like(mean: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
     made once per mean, not once per batch (at one input per batch the copies cost as much as the subtraction)."""
     if val.dim() == 4 and val.is_contiguous(memory_format=torch.channels_last):
         hit = _CHANNELS_LAST.get(id(mean))
-        if hit is None or hit[0]() is not mean:  # (tensors compare elementwise: keyed by identity, held weakly)
+        # (tensors compare elementwise: keyed by identity, held weakly; an in-place change bumps the version)
+        if hit is None or hit[0]() is not mean or hit[1] != mean._version:
             key = id(mean)
-            hit = _CHANNELS_LAST[key] = (weakref.ref(mean, lambda _: _CHANNELS_LAST.pop(key, None)),
+            hit = _CHANNELS_LAST[key] = (weakref.ref(mean, lambda _: _CHANNELS_LAST.pop(key, None)), mean._version,
                                          mean[None].contiguous(memory_format=torch.channels_last))
-        return hit[1]
+        return hit[2]
     return mean
 
 

@@ -13,10 +13,12 @@ throughout, and one that even that cannot decide is reported back: the caller de
 arithmetic (theta.exact_keep). The kernel runs its own threads (torch's intra-op count): at::parallel_for would
 compile to a serial loop in an extension built without OpenMP.
 
-Measured on the ResNet-10 θ = 0.3 bench sample (2-core AMD EPYC): the previous per-neuron kernel (float64
-products into a 32-byte record per input, a counting sort of every input, one thread) took 2.1 s per sample; this
-one 0.24-0.27 s on 2 threads. Same-process A/B of the bin width: 16 bins per octave 0.40 s, 32 per octave 0.34 s,
-64 per octave 0.48 s, 8 per octave 0.59 s (kernel alone, one thread).
+Measured on the ResNet-10 θ = 0.3 bench sample (2-core AMD EPYC, 2 threads): the previous per-neuron kernel
+(float64 products into a 32-byte record per input, a counting sort of every input, one thread) took 2.9 s per
+sample (2.87 s in the kernel) at the start of the work; this one 0.24-0.28 s, measured later the same day (the
+machine's speed drifts; the old kernel's bench figure on a quieter day was 1.6 s). Same-process A/B of the bin
+width, kernel alone, one thread: 16 bins per octave 0.40 s, 32 per octave 0.34 s, 64 per octave 0.48 s, 8 per
+octave 0.59 s.
 
 `available()` compiles it once per process (about 30 s the first time; torch caches the build in its extensions
 directory). No compiler, a failed build, or GRADAUTH_SLICING_KERNEL=0: it returns False and the torch path runs.

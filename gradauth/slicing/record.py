@@ -6,7 +6,6 @@ on identical batches and get identical means and Δ, bit for bit (on the same ki
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +42,13 @@ def combine_means(parts: list[dict[str, torch.Tensor]], count: int) -> dict[str,
     for part in parts[1:]:
         for k, v in part.items():
             total[k] = total[k] + v
-    return {k: (v / count).float() for k, v in total.items()}
+    return {k: _channels_last_order((v / count).float()) for k, v in total.items()}
+
+
+def _channels_last_order(mean: torch.Tensor) -> torch.Tensor:
+    """A (C, H, W) mean stored channel-fastest, so that subtracting it from a channels-last batch (graph.run
+    feeds every 4-d input channels-last) broadcasts as a view: no copy per batch. Same values."""
+    return mean.permute(1, 2, 0).contiguous().permute(2, 0, 1) if mean.dim() == 3 else mean
 
 
 def profile(plan: Plan, x: torch.Tensor, batch: int = BATCH) -> dict[str, torch.Tensor]:
@@ -102,22 +107,12 @@ def forward_stats(plan: Plan, means: dict[str, torch.Tensor], x: torch.Tensor, t
     return st
 
 
-# id(mean) -> (mean, its version, its channels-last copy)
-_CHANNELS_LAST: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
-
-
 def _like(mean: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
     """The mean in the memory layout of the batch it is subtracted from (a channels-last map minus an NCHW mean
-    is a strided loop, several times slower). Same values, same float subtraction. The channels-last copy is
-    made once per mean, not once per batch (at one input per batch the copies cost as much as the subtraction)."""
+    is a strided loop, several times slower). Same values, same float subtraction. Means from `profile` already
+    are (combine_means), so this is a view; it copies only a mean made elsewhere."""
     if val.dim() == 4 and val.is_contiguous(memory_format=torch.channels_last):
-        hit = _CHANNELS_LAST.get(id(mean))
-        # (tensors compare elementwise: keyed by identity, held weakly; an in-place change bumps the version)
-        if hit is None or hit[0]() is not mean or hit[1] != mean._version:
-            key = id(mean)
-            hit = _CHANNELS_LAST[key] = (weakref.ref(mean, lambda _: _CHANNELS_LAST.pop(key, None)), mean._version,
-                                         mean[None].contiguous(memory_format=torch.channels_last))
-        return hit[2]
+        return mean[None].contiguous(memory_format=torch.channels_last)
     return mean
 
 

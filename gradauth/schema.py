@@ -214,7 +214,7 @@ def read_levels(path: str | os.PathLike, trials: pd.DataFrame | None = None, req
         raise bad("`levels` is not a non-empty list of level objects")
     numbers = [lv.get("level") for lv in levels]
     if not all(_int(n) for n in numbers) or numbers != list(range(1, len(levels) + 1)):
-        raise bad(f"levels must be numbered 1..N in order (got {json.dumps(numbers)[:60]})")
+        raise bad(f"levels 1..N expected, in order (got {json.dumps(numbers)[:60]})")
     for lv in levels:
         name = f"level {lv['level']}"
         missing = [k for k in LEVEL_REQUIRED if k not in lv]

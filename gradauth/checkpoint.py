@@ -31,8 +31,8 @@ FORMAT = "gradauth-model/2"
 LEGACY_FORMATS = ("gradauth-model/1",)
 SPEC_FIELDS = {"arch": str, "num_classes": int, "in_channels": int, "image_size": int, "width": (int, float),
                "mean": list, "std": list}
-REGENERATE = ("regenerate it with this gradauth (`gradauth train CONFIG` for base.pt, `gradauth sweep CONFIG` for "
-              "models/, `gradauth release DIR` for release/)")
+REGENERATE = ("regenerate it with this gradauth: delete it, then `gradauth train CONFIG` for base.pt, "
+              "`gradauth sweep CONFIG --resume` for models/, `gradauth release DIR` for release/")
 
 
 @dataclass

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -5,8 +5,9 @@ can be made at any point after the sweep. Every input is read and validated (sch
 so a damaged file leaves the old report and plots as they were. A derived file is shown only while it matches the
 current inputs: levels.json must record the sha256 of the current trials.parquet, the attack the sha256 of the
 current levels.json (and of release/manifest.json when both record and release exist); otherwise its section is
-one line saying it is stale and which command refreshes it. Figures are drawn on `matplotlib.figure.Figure` (the Agg canvas, no pyplot
-state, no display needed on a cluster head) and, like every output, written under a temporary name then renamed.
+one line saying it is stale and which command refreshes it. Figures are drawn on `matplotlib.figure.Figure` (the
+Agg canvas, no pyplot state, no display needed on a cluster head) and, like every output, written under a
+temporary name then renamed.
 """
 from __future__ import annotations
 

@@ -39,7 +39,6 @@ ACCURACIES = ("base_acc", "prun_acc", "fine_acc", "fine_top3")
 GRID = ("importance", "lock_mode", "lock_value", "ft_epochs", "ft_lr", "ft_data_fraction", "ft_scope", "seed")
 # What a finished (ok) trial must carry, finite.
 OK_REQUIRED = ("prun_acc", "fine_acc")
-LEVELS_FORMAT_KEYS = ("level", "fine_acc", "trial_ids")
 REWRITE_TRIALS = "re-run `gradauth sweep CONFIG` (or `--resume`) to rewrite it"
 
 

@@ -39,10 +39,16 @@ cannot either.
 
 `prun_acc` is each target's accuracy before the attack; `level_accs` are the levels' mean fine_acc (levels.json);
 `best_level_reached` is the best level whose accuracy the thief matches (null if none). The report is `attack.md`.
+
+What was attacked is recorded (`derived_from`): the sha256 of levels.json, of trials.parquet and of
+release/manifest.json (null if there was no release), in attack.parquet's schema metadata (key `gradauth`) and on
+attack.md's first line (an HTML comment), so `gradauth report` embeds the attack only while it matches the
+current levels and release.
 """
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 import time
@@ -50,6 +56,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.nn as nn
 
@@ -62,7 +70,8 @@ from .finetune import Schedule, finetune
 from .fsutil import atomic_path, write_text
 from .importance import bn_gamma
 from .prune import count_removed, lock_masks, masks_from_model
-from .release import fresh_filters, locked_channels, locked_copy, public_lock
+from .release import MANIFEST, fresh_filters, locked_channels, locked_copy, public_lock
+from .schema import file_sha256, read_trials
 
 FRACTIONS = (0.01, 0.05, 0.1)   # of the labelled training split the thief holds
 STRONG_MIN_FACTOR = 4           # strong schedule: at least 4 × the best schedule's epochs
@@ -90,7 +99,8 @@ class Target:
 
 def best_schedule(out: Path, importance: str, mode: str, value: float) -> tuple[int, float]:
     """(epochs, lr) of the highest mean fine_acc for this lock in trials.parquet (any lock if none has it)."""
-    t = pd.read_parquet(out / "trials.parquet")
+    t = read_trials(out / "trials.parquet", ["status", "importance", "lock_mode", "lock_value", "ft_epochs", "ft_lr",
+                                             "fine_acc"])
     ok = t[t["status"] == "ok"]
     same = ok[(ok["importance"] == importance) & (ok["lock_mode"] == mode) & ((ok["lock_value"] - value).abs() < 1e-12)]
     g = (same if len(same) else ok).groupby(["ft_epochs", "ft_lr"], sort=True)["fine_acc"].mean()
@@ -260,6 +270,7 @@ def run_attack(out_dir: str | Path, fractions=FRACTIONS, seeds=(0,), compare: bo
     if bad:
         raise GradauthError(f"attacker fractions {bad} are outside (0, 1]: give fractions of the training split")
     ds = load_dataset(cfg.data, cfg.seed)
+    derived = derived_from(out)
     found, public = targets(out, cfg, ds, compare)
     best = best_schedule(out, public["importance"], public["lock_mode"], public["lock_value"])
     level_accs = [float(lv["fine_acc"]) for lv in sorted(public["levels"], key=lambda lv: int(lv["level"]))]
@@ -290,12 +301,39 @@ def run_attack(out_dir: str | Path, fractions=FRACTIONS, seeds=(0,), compare: bo
         rows += mine
     df = pd.DataFrame(rows)
     df["best_level_reached"] = df["best_level_reached"].astype("Int64")
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    table = table.replace_schema_metadata((table.schema.metadata or {}) | {META_KEY: json.dumps(derived).encode()})
     with atomic_path(out / "attack.parquet") as tmp:
-        df.to_parquet(tmp, index=False)
-    text = report(df, public, best)
+        pq.write_table(table, tmp)
+    text = md_stamp(derived) + "\n" + report(df, public, best)
     write_text(out / "attack.md", text)
     print(text)
     return df
+
+
+META_KEY = b"gradauth"
+MD_STAMP = "<!-- gradauth derived_from: "
+
+
+def derived_from(out: Path) -> dict:
+    """sha256 of the files an attack of DIR is derived from (None for a file that is not there)."""
+    sha = lambda p: file_sha256(p) if p.is_file() else None
+    return {"levels_sha256": sha(out / "levels.json"), "trials_sha256": sha(out / "trials.parquet"),
+            "manifest_sha256": sha(out / "release" / MANIFEST)}
+
+
+def md_stamp(derived: dict) -> str:
+    return MD_STAMP + json.dumps(derived, sort_keys=True) + " -->"
+
+
+def read_derived(parquet: Path) -> dict | None:
+    """What attack.parquet says it was derived from, or None (an older file, or one not written by gradauth)."""
+    try:
+        raw = (pq.read_schema(parquet).metadata or {}).get(META_KEY)
+        doc = json.loads(raw) if raw else None
+    except Exception:
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _describe(tg: Target) -> dict:
@@ -351,5 +389,5 @@ def report(df: pd.DataFrame, public: dict, best: tuple[int, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["run_attack", "targets", "alt_targets", "calibrate", "steal", "runs", "best_schedule", "schedules", "report",
+__all__ = ["run_attack", "derived_from", "read_derived", "md_stamp", "targets", "alt_targets", "calibrate", "steal", "runs", "best_schedule", "schedules", "report",
            "FRACTIONS"]

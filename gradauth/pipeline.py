@@ -21,8 +21,11 @@ from .importance import get_importance
 from .trial import TrialContext
 
 
+RUNS = Path("runs")  # where a run writes unless --out says otherwise (gitignored; results/ holds committed references)
+
+
 def out_dir_for(cfg: Config, out: str | None) -> Path:
-    return Path(out) if out else Path("results") / cfg.name
+    return Path(out) if out else RUNS / cfg.name
 
 
 def git_sha() -> str:
@@ -105,9 +108,17 @@ def sweep_stage(cfg: Config, out: Path, resume: bool = False, ds: Dataset | None
 
 
 def select_stage(out: Path, **overrides):
+    """`gradauth select DIR`: the config's select section gives the defaults; a bare trials.parquet (no
+    config.yaml, e.g. copied down from a cluster) selects with the built-ins: 3 levels, min_gap 0.05,
+    max_locked_acc chance (1 / num_classes from the table) + 0.1, the folder's name as the experiment."""
     from .select import select_dir
-    cfg = read_config(out)
-    defaults = {k: v for k, v in vars(cfg.select).items() if v is not None} | {"experiment": cfg.name}
+    if (out / "config.yaml").is_file() or not (out / "trials.parquet").is_file():
+        cfg = read_config(out)
+        defaults = {k: v for k, v in vars(cfg.select).items() if v is not None} | {"experiment": cfg.name}
+    else:
+        print(f"[select] {out} has no config.yaml: built-in defaults (3 levels, min_gap 0.05, max_locked_acc "
+              f"1/num_classes + 0.1)", file=sys.stderr)
+        defaults = {"experiment": Path(out).resolve().name}
     return select_dir(out, defaults=defaults, **overrides)
 
 

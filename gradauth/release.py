@@ -231,25 +231,21 @@ def locked_copy(base: nn.Module, masks: Masks, noise_seed: int | None = None, ke
     return model.eval()
 
 
-def read_levels(out: Path) -> dict:
-    path = out / "levels.json"
-    if not path.is_file():
-        raise GradauthError(f"{path} not found: run `gradauth select {out}` first")
-    try:
-        doc = json.loads(path.read_text())
-        assert isinstance(doc["levels"], list) and doc["levels"]
-        numbers = [int(lv["level"]) for lv in doc["levels"] if float(lv["fine_acc"]) >= 0 and list(lv["trial_ids"])]
-        assert sorted(numbers) == list(range(1, len(doc["levels"]) + 1))
-    except (ValueError, KeyError, TypeError, AssertionError):
-        raise GradauthError(f"{path} is not a levels.json with levels 1..N (level, fine_acc, trial_ids): "
-                            f"re-run `gradauth select {out}`")
-    return doc
+RELEASE_TRIAL_COLUMNS = ["trial_id", "status", "fine_acc", "importance", "lock_mode", "lock_value",
+                         "locked_channels"]
 
 
-def chosen_trials(out: Path, doc: dict):
+def read_levels(out: Path, trials=None) -> dict:
+    """DIR/levels.json through schema.read_levels (validated; with `trials`, its trial ids checked against them)."""
+    from .schema import read_levels as read
+    return read(out / "levels.json", trials)
+
+
+def chosen_trials(out: Path, doc: dict, trials=None):
     """Per level, the ok seed trial whose fine_acc is nearest the level's mean (ties: first trial id)."""
-    import pandas as pd
-    trials = pd.read_parquet(out / "trials.parquet")
+    from .schema import read_trials
+    if trials is None:
+        trials = read_trials(out / "trials.parquet", RELEASE_TRIAL_COLUMNS)
     chosen = []
     for lv in doc["levels"]:
         rows = trials[trials["trial_id"].isin(lv["trial_ids"]) & (trials["status"] == "ok")].sort_values("trial_id")
@@ -267,11 +263,16 @@ def chosen_trials(out: Path, doc: dict):
 
 
 def public_lock(out: Path, doc: dict | None = None):
-    """What the public model is made of: (levels.json, [(level, trial row, model file)], union masks, importance)."""
-    doc = doc or read_levels(out)
-    if not (out / "trials.parquet").is_file():
-        raise GradauthError(f"{out / 'trials.parquet'} not found: run `gradauth sweep` on this output dir first")
-    chosen = chosen_trials(out, doc)
+    """What the public model is made of: (levels.json, [(level, trial row, model file)], union masks, importance).
+
+    trials.parquet and levels.json are validated (schema.py), and a levels.json selected from another version of
+    trials.parquet (it records the sha256 of the one it came from) is refused."""
+    from .schema import check_levels_current, read_trials
+    trials = read_trials(out / "trials.parquet", RELEASE_TRIAL_COLUMNS)
+    if doc is None:
+        doc = read_levels(out, trials)
+        check_levels_current(doc, out / "levels.json", out / "trials.parquet")
+    chosen = chosen_trials(out, doc, trials)
     masks = union_masks([load_model_file(p)["masks"] for _, _, p in chosen])
     imps = sorted({str(r["importance"]) for _, r, _ in chosen})
     return doc, chosen, masks, "+".join(imps)

@@ -1,12 +1,16 @@
 """`gradauth report DIR`: report.md and plots/*.png from what the earlier stages left in DIR.
 
 Reads trials.parquet (required), levels.json, attack.parquet and slices.parquet (each only if present), so a report
-can be made at any point after the sweep. Figures are drawn on `matplotlib.figure.Figure` (the Agg canvas, no pyplot
-state, no display needed on a cluster head) and, like every output, written under a temporary name then renamed.
+can be made at any point after the sweep. Every input is read and validated (schema.py) before anything is written,
+so a damaged file leaves the old report and plots as they were. A derived file is shown only while it matches the
+current inputs: levels.json must record the sha256 of the current trials.parquet, the attack the sha256 of the
+current levels.json (and of release/manifest.json when both record and release exist); otherwise its section is
+one line saying it is stale and which command refreshes it. Figures are drawn on `matplotlib.figure.Figure` (the
+Agg canvas, no pyplot state, no display needed on a cluster head) and, like every output, written under a
+temporary name then renamed.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -16,9 +20,9 @@ from matplotlib.ticker import FuncFormatter
 
 from .errors import GradauthError
 from .fsutil import atomic_path, write_text
+from .schema import STATUSES, file_sha256, read_levels
 from .select import GROUP, SELECT_COLUMNS, load_trials, lock_label, schedule_label
 
-STATUSES = ["ok", "unlockable", "error"]
 REPORT_COLUMNS = [*SELECT_COLUMNS, "dataset", "arch", "base_acc", "seed", "params", "flops", "seconds"]
 SCHEDULE = ["ft_epochs", "ft_lr", "ft_data_fraction", "ft_scope"]
 KNOBS = {"ft_epochs": "fine-tune epochs", "ft_lr": "learning rate", "ft_data_fraction": "fraction of the training data",
@@ -33,27 +37,73 @@ REASONS = {"unlockable": "status unlockable (locked accuracy above sweep.lock_bo
 
 
 def write_report(out_dir: str | os.PathLike) -> Path:
-    """Write DIR/report.md and DIR/plots/*.png; return the report's path."""
+    """Write DIR/report.md and DIR/plots/*.png; return the report's path. Inputs are all validated first."""
     out = Path(out_dir)
     trials = load_trials(out / "trials.parquet", REPORT_COLUMNS).sort_values([*GROUP, "seed"], kind="stable")
-    sel = _read_levels(out / "levels.json")
+    sel, levels_note = _current_levels(out, trials)
+    attack, attack_note = _read_attack(out, sel)
+    slices = _read_parquet(out / "slices.parquet") if (out / "slices.parquet").is_file() else None
+    # ---- nothing is written above this line ----
     chance = 1 / trials["num_classes"].iloc[0]
     bound = (sel or {}).get("settings", {}).get("max_locked_acc") or chance + 0.1
     made = _plots(out / "plots", trials, sel, chance, bound)
-    md = [*_header(out, trials, sel, chance), *_levels_section(sel), *_rejected_section(sel),
+    md = [*_header(out, trials, sel, chance), *_levels_section(sel, levels_note), *_rejected_section(sel),
           *_plots_section(made), *_importance_section(trials, bound, made),
-          *_attack_section(out / "attack.parquet", out / "plots", sel), *_slices_section(out / "slices.parquet"),
+          *_attack_section(attack, attack_note, out / "plots", sel), *_slices_section(slices),
           *_trials_section(trials)]
     return write_text(out / "report.md", "\n".join(md) + "\n")
 
 
-def _read_levels(path: Path) -> dict | None:
+def _current_levels(out: Path, trials: pd.DataFrame) -> tuple[dict | None, str | None]:
+    """(levels.json if it was selected from this trials.parquet, else None; the stale line if it is not)."""
+    sel = read_levels(out / "levels.json", trials, required=False)
+    if sel is None:
+        return None, None
+    if sel.get("trials_sha256") != file_sha256(out / "trials.parquet"):
+        why = "records no trials_sha256 (an older levels.json)" if "trials_sha256" not in sel else \
+            "was selected from another version of trials.parquet"
+        return None, (f"levels.json is stale: it {why}; run `gradauth select {out}` (then `gradauth release`, "
+                      f"`gradauth report`) to refresh it.")
+    return sel, None
+
+
+def _read_attack(out: Path, sel: dict | None) -> tuple[tuple | None, str | None]:
+    """((attack table, attack.md body) if present and derived from the current levels and release, None otherwise;
+    the stale line if present but not current). A damaged attack file is refused, whatever its age."""
+    from .attack import MD_STAMP, derived_from, md_stamp, read_derived
+    path, md = out / "attack.parquet", out / "attack.md"
     if not path.is_file():
-        return None
+        return None, None
+    df = _read_parquet(path)
+    need = {"target", "attacker_fraction", "schedule", "recovered_acc"}
+    if not need <= set(df.columns):
+        raise GradauthError(f"{path}: missing columns {sorted(need - set(df.columns))}; "
+                            "re-run `gradauth attack` to rewrite it")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise GradauthError(f"{path} is not valid JSON: re-run `gradauth select {path.parent}`") from None
+        body = md.read_text(encoding="utf-8").splitlines() if md.is_file() else None
+    except (UnicodeDecodeError, OSError):
+        raise GradauthError(f"{md} is not readable UTF-8 text: re-run `gradauth attack {out}` to rewrite it") from None
+    recorded, now = read_derived(path), derived_from(out)
+    stale = None
+    if sel is None:
+        stale = "its levels.json is missing or stale"
+    elif recorded is None:
+        stale = "attack.parquet records no levels.json sha256 (an older attack)"
+    elif recorded.get("levels_sha256") != now["levels_sha256"] or recorded.get("trials_sha256") != now["trials_sha256"]:
+        stale = "it attacked another levels.json"
+    elif None not in (recorded.get("manifest_sha256"), now["manifest_sha256"]) and \
+            recorded["manifest_sha256"] != now["manifest_sha256"]:
+        stale = "it attacked another release (release/manifest.json changed)"
+    elif body is not None and (not body or body[0] != md_stamp(recorded)):
+        stale = "attack.md does not match attack.parquet"
+    if stale:
+        return None, f"The attack results are stale: {stale}; run `gradauth attack {out}` to refresh them."
+    try:  # drawn now, written later: a table whose values do not plot is refused before any file is touched
+        fig = _attack_plot(df, sel)
+    except (KeyError, TypeError, ValueError) as e:
+        raise GradauthError(f"{path} has columns or values `gradauth attack` does not write ({type(e).__name__}: "
+                            f"{str(e)[:80]}): re-run `gradauth attack {out}` to rewrite it") from None
+    return (fig, [ln for ln in (body or []) if not ln.startswith(MD_STAMP)]), None
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:
@@ -189,11 +239,13 @@ def _header(out: Path, trials: pd.DataFrame, sel: dict | None, chance: float) ->
             *_table(["status", "trials"], [[s, int(counts[s])] for s in order])]
 
 
-def _levels_section(sel: dict | None) -> list[str]:
+def _levels_section(sel: dict | None, note: str | None = None) -> list[str]:
     """The paper's Table 3: one row per level."""
+    if note:
+        return ["## Levels", "", note, ""]
     if sel is None:
         return ["## Levels", "", "No levels.json yet: run `gradauth select DIR` to choose the levels.", ""]
-    how = {1: "each level has its own lock", 2: "all levels share one locked model"}[sel["method"]]
+    how = {1: "each level has its own lock", 2: "all levels share one locked model"}.get(sel.get("method"), "")
     rows = [[lv["level"], f"{lv.get('importance', '')} {lock_label(lv['lock_mode'], lv['lock_value'])}"
              + (f" ({lv['locked_channels']} ch)" if "locked_channels" in lv else ""),
              schedule_label(lv["schedule"]), _acc(lv["prun_acc"]), f"{lv['fine_acc']:.3f} ± {lv['fine_acc_std']:.3f}",
@@ -256,22 +308,17 @@ def _fewest_channels(trials: pd.DataFrame, bound: float) -> str:
             f"{int(reach.iloc[0])}" + (f", against {rest}" if rest else "") + f"{tail}.")
 
 
-def _attack_section(path: Path, plots: Path, sel: dict | None) -> list[str]:
-    """attack.parquet (from `gradauth attack`): its attack.md table embedded, and recovery against the thief's data."""
-    if not path.is_file():
+def _attack_section(attack: tuple | None, note: str | None, plots: Path, sel: dict | None) -> list[str]:
+    """attack.parquet (from `gradauth attack`): its attack.md table embedded, and recovery against the thief's data;
+    one stale line instead when it does not match the current levels and release."""
+    if attack is None:
         (plots / "attack.png").unlink(missing_ok=True)
-        return []
-    df = _read_parquet(path)
-    need = {"target", "attacker_fraction", "schedule", "recovered_acc"}
-    if not need <= set(df.columns):
-        raise GradauthError(f"{path}: missing columns {sorted(need - set(df.columns))}; "
-                            "re-run `gradauth attack` to rewrite it")
-    md = path.with_name("attack.md")
+        return ["## Attack", "", note, ""] if note else []
+    fig, body = attack
     lines = ["## Attack: fine-tuning the public model without a key", ""]
-    if md.is_file():  # attack.md's own title is dropped, its table kept
-        body = md.read_text().splitlines()
+    if body:  # attack.md's own title is dropped, its table kept
         lines += [ln for ln in body if not ln.startswith("# ")] + [""]
-    _save(_attack_plot(df, sel), plots / "attack.png")
+    _save(fig, plots / "attack.png")
     return lines + ["![Attack](plots/attack.png)", ""]
 
 
@@ -309,11 +356,10 @@ def _attack_plot(df: pd.DataFrame, sel: dict | None) -> Figure:
     return fig
 
 
-def _slices_section(path: Path) -> list[str]:
+def _slices_section(df: pd.DataFrame | None) -> list[str]:
     """slices.parquet in brief: per layer, how concentrated NNSlicer's contribution is."""
-    if not path.is_file():
+    if df is None:
         return []
-    df = _read_parquet(path)
     lines = ["## Slices (NNSlicer)", "", f"{len(df)} rows ({', '.join(df.columns)}).", ""]
     if not {"layer", "channel", "contribution"} <= set(df.columns):
         return lines

@@ -18,21 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from .errors import GradauthError
 from .fsutil import write_json
+from .schema import TRIAL_COLUMNS, file_sha256, read_trials
 
-# The trials.parquet contract of DESIGN.md, column → Arrow type (`pa.schema(TRIAL_COLUMNS)` is the file's schema).
-TRIAL_COLUMNS = {
-    "trial_id": pa.string(), "dataset": pa.string(), "arch": pa.string(), "num_classes": pa.int64(),
-    "importance": pa.string(), "lock_mode": pa.string(), "lock_value": pa.float64(),
-    "locked_channels": pa.int64(), "total_channels": pa.int64(),
-    "ft_epochs": pa.int64(), "ft_lr": pa.float64(), "ft_data_fraction": pa.float64(), "ft_scope": pa.string(),
-    "seed": pa.int64(), "base_acc": pa.float64(), "prun_acc": pa.float64(), "fine_acc": pa.float64(),
-    "fine_top3": pa.float64(), "params": pa.int64(), "flops": pa.int64(), "status": pa.string(),
-    "seconds": pa.float64(), "git_sha": pa.string(), "config_hash": pa.string(),
-}
+# TRIAL_COLUMNS (the trials.parquet contract) lives in schema.py; re-exported here for compatibility.
 # Seeds of one candidate differ only in these columns' complement.
 GROUP = ["importance", "lock_mode", "lock_value", "ft_epochs", "ft_lr", "ft_data_fraction", "ft_scope"]
 SELECT_COLUMNS = ["trial_id", "num_classes", *GROUP, "locked_channels", "prun_acc", "fine_acc", "fine_top3", "status"]
@@ -64,17 +55,8 @@ def missing_columns(df: pd.DataFrame, needed: list[str], source: str) -> None:
 
 
 def load_trials(path: str | os.PathLike, needed: list[str] = SELECT_COLUMNS) -> pd.DataFrame:
-    """Read trials.parquet, refusing a missing or unreadable file, or one without the `needed` columns."""
-    path = Path(path)
-    if not path.is_file():
-        raise GradauthError(f"{path} not found: run `gradauth sweep CONFIG` first (it writes trials.parquet)")
-    try:
-        df = pd.read_parquet(path)
-    except Exception as e:  # pyarrow raises several types for a damaged file; all mean the same to the user
-        raise GradauthError(f"{path} is not a readable Parquet file ({type(e).__name__}): "
-                            f"re-run `gradauth sweep CONFIG` to rewrite it") from None
-    missing_columns(df, needed, str(path))
-    return df
+    """Read trials.parquet through the validating reader of schema.py, requiring the `needed` columns."""
+    return read_trials(path, needed)
 
 
 def lock_label(mode: str, value: float) -> str:
@@ -218,6 +200,8 @@ def _row_reasons(rows: pd.DataFrame) -> list[dict]:
         elif t["status"] == "error":
             out += _reject([t["trial_id"]], "error", "status error: the trial failed "
                                                      "(`gradauth sweep CONFIG --resume` retries it)")
+        elif t["status"] == "degenerate":
+            out += _reject([t["trial_id"]], "status", "status degenerate: fine-tuning gave a model of no use")
         else:
             out += _reject([t["trial_id"]], "status", f"status {t['status']} without a fine_acc")
     return out
@@ -340,14 +324,17 @@ def select_dir(out_dir: str | os.PathLike, levels: int | None = None, min_gap: f
     """`gradauth select DIR`: explicit arguments win over `defaults` (the config's select section, plus
     `experiment`), which win over the built-ins. Writes DIR/levels.json atomically and prints the table."""
     out_dir, d = Path(out_dir), defaults or {}
-    trials = load_trials(out_dir / "trials.parquet")
+    path = out_dir / "trials.parquet"
+    trials = load_trials(path)
+    digest = file_sha256(path)
     if levels is None:  # explicit targets say how many levels they want
         levels = len(targets) if targets is not None else d.get("levels", 3)
     targets = targets if targets is not None else d.get("targets")
     min_gap = min_gap if min_gap is not None else d.get("min_gap", 0.05)
     max_locked_acc = max_locked_acc if max_locked_acc is not None else d.get("max_locked_acc")
     selection = select_levels(trials, levels, min_gap, max_locked_acc, targets)
-    write_json(out_dir / "levels.json", selection.to_json(d.get("experiment") or out_dir.resolve().name))
+    doc = selection.to_json(d.get("experiment") or out_dir.resolve().name) | {"trials_sha256": digest}
+    write_json(out_dir / "levels.json", doc)
     print(format_table(selection))
     return selection
 

@@ -80,15 +80,27 @@ def test_importance_plot_only_with_two_sources(swept):
     assert _png_width(swept / "plots" / "acc_vs_lock.png") > 400
 
 
+def _write_attack(out, df, md):
+    """attack.parquet and attack.md stamped, as `gradauth attack` does, with what they were derived from."""
+    import json
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from gradauth.attack import META_KEY, derived_from, md_stamp
+    derived = derived_from(out)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    pq.write_table(table.replace_schema_metadata(table.schema.metadata | {META_KEY: json.dumps(derived).encode()}),
+                   out / "attack.parquet")
+    (out / "attack.md").write_text(md_stamp(derived) + "\n" + md)
+
+
 def test_attack_and_slices_are_rendered_when_present(swept):
     rows = [dict(target=t, lock_importance=imp, lock_mode=mode, lock_value=v, locked_channels=n, init="zeros",
                  filters="erased", thief_init="none", attacker_fraction=f, schedule=s, seed=0, recovered_acc=acc)
             for t, imp, mode, v, n in [("public", "bn_gamma", "rate", 0.2, 7), ("scratch", "none", "none", 0.0, 0)]
             for f, s, acc in [(0.01, "best", 0.3), (0.1, "best", 0.5), (0.01, "strong", 0.6), (0.1, "strong", 0.8),
                               (1.0, "owner", 0.9)]]
-    pd.DataFrame(rows).to_parquet(swept / "attack.parquet")
-    (swept / "attack.md").write_text("# Attack: fine-tuning the public model without a key\n\n| start from | 1% best |\n"
-                                     "|---|---|\n| public bn_gamma rate 0.2 (zeros) | 0.300 |\n")
+    _write_attack(swept, pd.DataFrame(rows), "# Attack: fine-tuning the public model without a key\n\n"
+                  "| start from | 1% best |\n|---|---|\n| public bn_gamma rate 0.2 (zeros) | 0.300 |\n")
     pd.DataFrame({"layer": ["features.1"] * 10, "channel": range(10), "class": -1,
                   "contribution": [10.0] + [1.0] * 9, "inputs": 8}).to_parquet(swept / "slices.parquet")
     md = write_report(swept).read_text()

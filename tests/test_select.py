@@ -49,7 +49,9 @@ def test_select_dir_writes_levels_json_and_prints_the_table(tmp_path, capsys):
     assert first["trial_ids"] == [f"bn_gamma-rate0.02-e40-lr0.01-f1-all-s{i}" for i in range(3)]
     assert [lv["level"] for lv in doc["levels"]] == [1, 2, 3]
     assert len(doc["rejected"]) == 15 and all(set(r) >= {"trial_id", "why"} for r in doc["rejected"])
-    assert doc == json.loads(json.dumps(s.to_json("vgg19-cifar10")))
+    from gradauth.schema import file_sha256  # levels.json records the trials.parquet it was selected from
+    assert doc == json.loads(json.dumps(s.to_json("vgg19-cifar10"))) | {
+        "trials_sha256": file_sha256(tmp_path / "trials.parquet")}
     out = capsys.readouterr().out
     assert "bn_gamma rate 7%" in out and "0.815 ± 0.002" in out and out.strip() == format_table(s)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["levels.json", "trials.parquet"]  # no temporary left

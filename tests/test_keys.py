@@ -343,3 +343,20 @@ def test_unlock_an_archived_release_refuses_the_keys_folder_around_it(run_dir, p
         assert code == 2 and "inside" in err, (target, err)
     assert tree(d) == before
     assert _cli(capsys, "unlock", arch / "release", "--level", 1, "--key", keys[1], "--out", tmp_path / "ok.pt")[0] == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown to another user needs root")
+def test_a_keys_folder_of_another_user_is_refused_and_a_loose_mode_tightened(finished, prebuilt, tmp_path,
+                                                                              monkeypatch, capsys):
+    d = tmp_path / "run"
+    shutil.copytree(finished, d)
+    (d / "keys").mkdir(mode=0o755)
+    os.chmod(d / "keys", 0o755)
+    os.chown(d / "keys", 54321, -1)
+    before = tree(d)
+    code, err, _ = _cli(capsys, "release", d)
+    assert code == 2 and "belongs to another user (uid 54321)" in err and tree(d) == before
+    os.chown(d / "keys", os.geteuid(), -1)
+    _patched_build(monkeypatch, prebuilt)
+    assert _cli(capsys, "release", d)[0] == 0
+    assert stat.S_IMODE((d / "keys").stat().st_mode) == 0o700 and os.listdir(d / "keys") == ["owner-keys.json"]

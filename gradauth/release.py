@@ -386,6 +386,10 @@ def _check_keys_dir(kdir: Path) -> None:
     if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
         raise GradauthError(f"{kdir} belongs to another user (uid {st.st_uid}): the owner's keys must be in a folder "
                             "only you can read; move it away and run again")
+    archive = kdir / ARCHIVE
+    if _lexists(archive) and not stat.S_ISDIR(os.lstat(archive).st_mode):
+        raise GradauthError(f"{archive} is not a folder (a link or a file): replaced releases and their keys go "
+                            "there; move it away and run again")
     if st.st_mode & 0o077:
         os.chmod(kdir, SECRET_DIR_MODE)
 

@@ -243,6 +243,16 @@ def test_a_planted_keys_link_is_refused(finished, tmp_path, capsys):
     assert code == 2 and "keys is not a folder" in err and tree(d) == before and not any(elsewhere.iterdir())
 
 
+def test_a_planted_archive_link_is_refused(run_dir, tmp_path, capsys):
+    d, _ = run_dir  # a folder that travelled with keys/archive pointing somewhere public
+    elsewhere = tmp_path / "public"
+    elsewhere.mkdir()
+    (d / "keys" / "archive").symlink_to(elsewhere)
+    before = tree(d)
+    code, err, _ = _cli(capsys, "release", d, "--new-keys")
+    assert code == 2 and "archive is not a folder" in err and tree(d) == before and not any(elsewhere.iterdir())
+
+
 def test_run_refuses_a_released_folder_before_training_and_resume_leaves_the_release(run_dir, capsys):
     d, keys = run_dir
     before = tree(d)

@@ -46,12 +46,12 @@ def cmd_select(a):
 
 def cmd_release(a):
     from .release import release_dir
-    release_dir(Path(a.dir))
+    release_dir(Path(a.dir), new_keys=a.new_keys)
 
 
 def cmd_unlock(a):
     from .release import unlock_to_file
-    unlock_to_file(Path(a.release_dir), a.level, a.key, Path(a.out))
+    unlock_to_file(Path(a.release_dir), a.level, a.key, Path(a.out), force=a.force)
 
 
 def cmd_evaluate(a):
@@ -106,11 +106,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("dir")
     s.add_argument("--levels", type=int), s.add_argument("--min-gap", type=float)
     s.add_argument("--max-locked-acc", type=float), s.add_argument("--targets")
-    s = add("release", cmd_release, "locked model + one encrypted pack per level → DIR/release/")
+    s = add("release", cmd_release, "locked model + one encrypted pack per level → DIR/release/, owner's keys → "
+            "DIR/keys/ (never publish DIR/keys)")
     s.add_argument("dir")
+    s.add_argument("--new-keys", action="store_true",
+                   help="replace an existing release: new keys; the old release and its keys are moved to "
+                        "DIR/keys/archive/<release id>/, never deleted")
     s = add("unlock", cmd_unlock, "decrypt and rebuild one level's model")
     s.add_argument("release_dir"), s.add_argument("--level", type=int, required=True)
     s.add_argument("--key", required=True), s.add_argument("--out", required=True)
+    s.add_argument("--force", action="store_true", help="replace --out if it is an existing regular file")
     s = add("evaluate", cmd_evaluate, "accuracy of a saved model on the config's test split")
     s.add_argument("model_file"), s.add_argument("--config", required=True)
     s = add("slice", cmd_slice, "NNSlicer slicing → slices.parquet")

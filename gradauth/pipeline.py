@@ -146,14 +146,22 @@ def evaluate_file(model_file: str | Path, cfg: Config) -> dict:
 
 def run_all(config_path: str, out: str | None = None, resume: bool = False) -> Path:
     """The main job: train → sweep → select → release → report."""
+    from .release import existing_release, release_dir, release_refusal
     cfg = load_config(config_path)
     out_dir = out_dir_for(cfg, out)
+    released = existing_release(out_dir)  # a release is never replaced by a run: checked before any training
+    if released:
+        release_refusal(out_dir, released, resume)
     ds = load_dataset(cfg.data, cfg.seed)
     train_stage(cfg, out_dir, ds, resume)
     sweep_stage(cfg, out_dir, resume, ds)
     select_stage(out_dir)
-    from .release import release_dir
-    release_dir(out_dir)
+    if released:
+        print(f"[run] --resume: the release in {out_dir} was left as it is (its keys still work); "
+              f"`gradauth release {out_dir} --new-keys` makes a new one from levels.json and archives the old",
+              file=sys.stderr)
+    else:
+        release_dir(out_dir)
     from .report import write_report
     write_report(out_dir)
     print(f"[run] done: {out_dir}", file=sys.stderr)

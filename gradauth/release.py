@@ -18,8 +18,20 @@
 - `manifest.json`: experiment, locked model and levels with their expected accuracies, sha256 and size of every
   published file, and per level a key id and a MAC of the manifest under that level's key (so a key holder detects
   an edited manifest, not only edited files).
-- `owner-keys.json` (mode 0600): one fresh random 256-bit key per level, urlsafe base64. The keys are printed once;
-  this file is the owner's only other copy and is NOT part of what is published (the manifest does not list it).
+- `manifest.json` also carries a `release_id` (UTC time + random), which the owner's keys file repeats.
+
+The owner's keys are written OUTSIDE the published folder, to `DIR/keys/owner-keys.json` (folder 0700, file 0600,
+fsynced): one fresh random 256-bit key per level, urlsafe base64, with the release id and the manifest's sha256. The
+keys are printed once; this file is the owner's only other copy. `release/` holds only what is published, so
+`cp -r`/`aws s3 sync` of it ships no key.
+
+Keys are never lost: `release_dir` refuses a folder that already has a release (or keys) unless `new_keys=True`,
+and then moves the old keys and the old release (which they still open) to `DIR/keys/archive/<release id>/` before
+the new ones take their place; never an overwrite. Every step is a rename of something already complete on disk,
+undone in reverse order if a later one fails, so a failure midway leaves the old release and keys where they were
+(a crash midway leaves them in the archive folder). A release of the old layout (keys inside `release/`) is archived
+the same way, its keys moved next to it. `unlock_to_file` writes only a new regular file (or, with `force`, replaces
+a regular file) outside the release and keys folders, atomically.
 
 Each key K is expanded with HKDF-SHA256 into three independent subkeys (AES-GCM key, key id, manifest MAC), so one
 secret is never used by two primitives. `unlock` checks in this order, each failure one clear GradauthError: manifest
@@ -35,13 +47,16 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import datetime
 import hashlib
 import hmac
 import json
 import math
 import os
+import re
 import secrets
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -52,7 +67,6 @@ import torch.nn as nn
 from .checkpoint import from_bytes, load_model_file, rebuild, to_bytes
 from .compact import compact
 from .errors import GradauthError
-from .fsutil import atomic_path, write_json
 from .models import bn_layers
 from .prune import Masks, apply_masks, count_removed
 
@@ -64,7 +78,11 @@ KEY_BYTES = 32
 LOCKED = "locked.pt"
 MANIFEST = "manifest.json"
 OWNER_KEYS = "owner-keys.json"
+RELEASE = "release"             # DIR/release/: what is published
+KEYS = "keys"                   # DIR/keys/ (0700): the owner's keys, never published
+ARCHIVE = "archive"             # DIR/keys/archive/<release id>/: replaced releases and their keys
 PUBLIC_MODE = 0o644             # what is published is world-readable; owner-keys.json is 0600
+SECRET_DIR_MODE = 0o700
 
 
 def pack_name(level: int) -> str:
@@ -329,7 +347,7 @@ def build_release(out: Path) -> tuple[dict, dict[str, bytes], dict[int, bytes]]:
                            "lock_bound": bound},
                 "cipher": {"aead": "AES-256-GCM", "kdf": "HKDF-SHA256", "nonce_bytes": NONCE_BYTES,
                            "key_encoding": "gak_ + urlsafe base64, no padding"},
-                "levels": [], "files": {}}
+                "levels": [], "files": {}, "release_id": new_release_id()}
     locked_sha = sha256(files[LOCKED])
     keys = {}
     for lv, row, path in chosen:
@@ -343,42 +361,228 @@ def build_release(out: Path) -> tuple[dict, dict[str, bytes], dict[int, bytes]]:
     return manifest, files, keys
 
 
-def release_dir(out: Path) -> Path:
-    """`gradauth release DIR`: write DIR/release/ (replacing an old one only once the new one is complete)."""
+def new_release_id() -> str:
+    """UTC time and 32 random bits: sorts by time, unique without coordination, safe as a folder name."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{now}-{secrets.token_hex(4)}"
+
+
+def owner_keys_path(out: Path) -> Path:
+    """Where the owner's keys of DIR's current release live: DIR/keys/owner-keys.json, outside DIR/release/."""
+    return Path(out) / KEYS / OWNER_KEYS
+
+
+def _lexists(path: Path) -> bool:
+    return os.path.lexists(path)
+
+
+def _check_keys_dir(kdir: Path) -> None:
+    """DIR/keys must be a real folder of ours (not a link a stranger planted to send the keys elsewhere); 0700."""
+    if not _lexists(kdir):
+        return
+    st = os.lstat(kdir)
+    if not stat.S_ISDIR(st.st_mode):
+        raise GradauthError(f"{kdir} is not a folder (a link or a file): the owner's keys go there; move it away "
+                            "and run again")
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        raise GradauthError(f"{kdir} belongs to another user (uid {st.st_uid}): the owner's keys must be in a folder "
+                            "only you can read; move it away and run again")
+    archive = kdir / ARCHIVE
+    if _lexists(archive) and not stat.S_ISDIR(os.lstat(archive).st_mode):
+        raise GradauthError(f"{archive} is not a folder (a link or a file): replaced releases and their keys go "
+                            "there; move it away and run again")
+    if st.st_mode & 0o077:
+        os.chmod(kdir, SECRET_DIR_MODE)
+
+
+def _old_layout_keys(final: Path) -> Path | None:
+    """The keys file of a release written before keys moved out of it (DIR/release/owner-keys.json), if any."""
+    inside = final / OWNER_KEYS
+    return inside if final.is_dir() and not final.is_symlink() and _lexists(inside) else None
+
+
+def existing_release(out: Path) -> list[Path]:
+    """What of a release already exists in DIR: DIR/release and/or DIR/keys/owner-keys.json."""
+    return [p for p in (Path(out) / RELEASE, owner_keys_path(out)) if _lexists(p)]
+
+
+def _refuse_existing(out: Path, present: list[Path]) -> None:
+    final = out / RELEASE
+    inside = _old_layout_keys(final)
+    if inside is not None:
+        raise GradauthError(
+            f"{final} already holds a release, with its owner keys inside the published folder (old layout; do not "
+            f"publish it as is): pass --new-keys to make a new release (the old one and its keys are kept under "
+            f"{out / KEYS / ARCHIVE}/), or keep it and move its keys out: mkdir -p -m 700 {out / KEYS} && "
+            f"mv {inside} {owner_keys_path(out)}")
+    what = " and ".join(str(p) for p in present)
+    raise GradauthError(f"{what} already exist{'s' if len(present) == 1 else ''}: a new release would make new keys "
+                        f"and buyers' keys would stop working; pass --new-keys to release anyway (the old release and "
+                        f"its keys are kept under {out / KEYS / ARCHIVE}/), or keep this release")
+
+
+def release_refusal(out: Path, present: list[Path], resume: bool) -> None:
+    """For `gradauth run`, up front: a folder with a release is refused without --resume (a run would replace the
+    keys), and with it refused only for the old layout (keys inside the folder to publish); else the release stays."""
     out = Path(out)
-    manifest, files, keys = build_release(out)
-    final = out / "release"
-    tmp = Path(tempfile.mkdtemp(prefix=".release.", dir=out))
+    inside = _old_layout_keys(out / RELEASE)
+    if not resume:
+        what = " and ".join(str(p) for p in present)
+        raise GradauthError(f"{out} already holds a release ({what}): a new run would replace its keys; pass --resume "
+                            f"to finish this run and keep the release, or --out NEWDIR for a new run")
+    if inside is not None:
+        raise GradauthError(f"{out / RELEASE} holds its owner keys inside the published folder (old layout): move them "
+                            f"out first, mkdir -p -m 700 {out / KEYS} && mv {inside} {owner_keys_path(out)}, then "
+                            f"run again")
+
+
+def _safe_id(value) -> str | None:
+    return value if isinstance(value, str) and re.fullmatch(r"[0-9A-Za-z][0-9A-Za-z._-]{0,63}", value) else None
+
+
+def _old_release_id(final: Path, kfile: Path) -> str:
+    """The archive folder name of the release being replaced: its manifest's release_id (or its keys file's), else
+    `legacy-<UTC now>` for a release made before release ids. Untrusted input: only a plain short name is used."""
+    for path in (final / MANIFEST, kfile, final / OWNER_KEYS):
+        try:
+            if path.is_file() and not path.is_symlink() and path.stat().st_size < 10_000_000:
+                rid = _safe_id(json.loads(path.read_bytes()).get("release_id"))
+                if rid:
+                    return rid
+        except (OSError, ValueError, AttributeError):
+            pass
+    return "legacy-" + new_release_id()
+
+
+def _move(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst`, never over something: every step of a release is one of these."""
+    if _lexists(dst):
+        raise GradauthError(f"{dst} already exists: nothing was changed; move it away and run again")
+    os.rename(src, dst)
+
+
+def _fsync_dir(path: Path) -> None:
     try:
-        os.chmod(tmp, PUBLIC_MODE | 0o111)
-        for name, data in files.items():
-            with atomic_path(tmp / name, PUBLIC_MODE) as p:
-                p.write_bytes(data)
-        write_json(tmp / MANIFEST, manifest, mode=PUBLIC_MODE)
-        owner = {"experiment": manifest["experiment"], "warning": "secret: never publish this file",
-                 "keys": {str(k): encode_key(v) for k, v in keys.items()}}
-        write_json(tmp / OWNER_KEYS, owner, mode=0o600)
-        old = None
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=".release.old.", dir=out))
-            os.replace(final, old / "release")
-        os.replace(tmp, final)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    _print_release(final, manifest, keys)
+        os.close(fd)
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create `path` (which must not exist) with `mode`, write and fsync it; no link is followed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        os.close(fd)
+
+
+def release_dir(out: Path, new_keys: bool = False) -> Path:
+    """`gradauth release DIR [--new-keys]`: write DIR/release/ (public) and DIR/keys/owner-keys.json (secret).
+
+    A folder that already has a release or keys is refused unless `new_keys`; then the old release and its keys are
+    moved to DIR/keys/archive/<its release id>/ (so the old keys still open the release they were issued for) and
+    the new ones take their place. Nothing is ever overwritten, and a failure at any step puts back what it moved."""
+    out = Path(out)
+    final, kdir = out / RELEASE, out / KEYS
+    kfile = kdir / OWNER_KEYS
+    _check_keys_dir(kdir)
+    present = existing_release(out)
+    if present and not new_keys:
+        _refuse_existing(out, present)  # before the slow part: nothing is built, nothing written
+    manifest, files, keys = build_release(out)
+    manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode()
+    owner = {"experiment": manifest["experiment"], "release_id": manifest["release_id"],
+             "manifest_sha256": sha256(manifest_bytes),
+             "warning": "secret: never publish this file or the keys/ folder",
+             "keys": {str(k): encode_key(v) for k, v in keys.items()}}
+
+    created: list[Path] = []   # folders this call made (removed again if it fails and they are empty)
+    moved: list[tuple[Path, Path]] = []   # renames done, undone in reverse on failure
+    tmp_keys = None
+    tmp_rel = Path(tempfile.mkdtemp(prefix=".release.", dir=out))
+    try:
+        os.chmod(tmp_rel, PUBLIC_MODE | 0o111)
+        for name, data in files.items():
+            _write_new(tmp_rel / name, data, PUBLIC_MODE)
+        _write_new(tmp_rel / MANIFEST, manifest_bytes, PUBLIC_MODE)
+        _fsync_dir(tmp_rel)
+        for d in (kdir, kdir / ARCHIVE) if present else (kdir,):
+            if not _lexists(d):
+                d.mkdir(mode=SECRET_DIR_MODE)
+                created.append(d)
+        os.chmod(kdir, SECRET_DIR_MODE)
+        tmp_keys = kdir / f".{OWNER_KEYS}.{secrets.token_hex(8)}.tmp"
+        _write_new(tmp_keys, (json.dumps(owner, indent=2) + "\n").encode(), 0o600)
+
+        def step(src: Path, dst: Path) -> None:
+            _move(src, dst)
+            moved.append((src, dst))
+
+        if present:
+            rid = _old_release_id(final, kfile)
+            arch = kdir / ARCHIVE / rid
+            n = 1
+            while _lexists(arch):
+                n += 1
+                arch = kdir / ARCHIVE / f"{rid}-{n}"
+            arch.mkdir(mode=SECRET_DIR_MODE)
+            created.append(arch)
+            if _lexists(kfile):
+                step(kfile, arch / OWNER_KEYS)
+            if _lexists(final):
+                inside = _old_layout_keys(final)
+                step(final, arch / RELEASE)
+                if inside is not None and not _lexists(arch / OWNER_KEYS):
+                    step(arch / RELEASE / OWNER_KEYS, arch / OWNER_KEYS)
+            _fsync_dir(arch)
+        step(tmp_keys, kfile)      # the keys first: a release never stands without its keys
+        step(tmp_rel, final)
+        for d in (kdir, kdir / ARCHIVE, out):
+            _fsync_dir(d)
+    except BaseException:
+        for src, dst in reversed(moved):
+            try:
+                os.rename(dst, src)
+            except OSError as e:  # cannot happen short of the disk failing; say where everything is
+                print(f"[release] could not move {dst} back to {src} ({e}): it is still at {dst}", file=sys.stderr)
+        if tmp_keys is not None and _lexists(tmp_keys):
+            tmp_keys.unlink()
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise
+    finally:
+        shutil.rmtree(tmp_rel, ignore_errors=True)
+        if tmp_keys is not None and _lexists(tmp_keys):
+            tmp_keys.unlink()
+    if present:
+        print(f"[release] the previous release and its keys were moved to {arch}: its keys still open it there",
+              file=sys.stderr)
+    _print_release(final, kfile, manifest, keys)
     return final
 
 
-def _print_release(final: Path, manifest: dict, keys: dict[int, bytes]) -> None:
+def _print_release(final: Path, kfile: Path, manifest: dict, keys: dict[int, bytes]) -> None:
     lk = manifest["locked"]
     print(f"[release] public model {final / LOCKED}: {lk['locked_channels']}/{lk['total_channels']} channels locked "
           f"({lk['init']}), accuracy {lk['test_acc']:.4f} ≤ bound {lk['lock_bound']:.4f}", file=sys.stderr)
     for lv in manifest["levels"]:
         print(f"level {lv['level']}  expected accuracy {lv['expected_acc']:.4f}  key {encode_key(keys[lv['level']])}")
-    print(f"[release] these keys are shown once; the owner's copy is {final / OWNER_KEYS} (mode 0600). "
-          f"Publish {final} WITHOUT {OWNER_KEYS}; a new release makes new keys.", file=sys.stderr)
+    print(f"[release] {manifest['release_id']}: these keys are shown once; the owner's copy is {kfile} (mode 0600). "
+          f"Publish {final} as it is; never publish {kfile.parent}.", file=sys.stderr)
 
 
 # ---- unlock -------------------------------------------------------------------------------------------------
@@ -457,15 +661,96 @@ def unlock(release_dir: str | os.PathLike, level: int, key: str) -> nn.Module:
     return model
 
 
-def unlock_to_file(release_dir: str | os.PathLike, level: int, key: str, out: str | os.PathLike) -> Path:
-    """`gradauth unlock`: the level's model file at `out` (nothing is written if any check fails)."""
+def _looks_like_owner_keys(path: Path) -> bool:
+    """A JSON object whose "keys" are gradauth level keys: an owner keys file, whatever its name."""
+    try:
+        if os.lstat(path).st_size > 1_000_000:
+            return False
+        doc = json.loads(path.read_bytes())
+        return isinstance(doc, dict) and isinstance(doc.get("keys"), dict) and any(
+            isinstance(v, str) and v.startswith(KEY_PREFIX) for v in doc["keys"].values())
+    except (OSError, ValueError):
+        return False
+
+
+def _protected_folders(release: Path) -> list[tuple[Path, str]]:
+    """The folders `unlock --out` never writes into: the release itself and the owner's keys folder beside it (or
+    around it, for a release archived under keys/archive/), symlinks and `..` resolved."""
+    rel = release.resolve()
+    found = [(rel, "the release folder"), ((rel.parent / KEYS).resolve(), "the owner's keys folder")]
+    for a in rel.parents:
+        if a.name == KEYS and ((a / OWNER_KEYS).exists() or (a / ARCHIVE).is_dir()):
+            found += [(a, "the owner's keys folder"), ((a.parent / RELEASE).resolve(), "the release folder")]
+    return found
+
+
+def check_unlock_out(release_dir: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> Path:
+    """Refuse an `unlock --out` that could destroy something: a path inside the release or keys folder, the owner
+    keys file, anything that is not a regular file (a folder, a device such as /dev/null, a FIFO, a symlink), and
+    an existing file unless `force`. Returns the path to write."""
+    out = Path(out)
+    target = out.resolve()  # symlinks first, then `..`, as the kernel will (not os.path.abspath's text edit)
+    for folder, what in _protected_folders(Path(release_dir)):
+        if target == folder or folder in target.parents:
+            raise GradauthError(f"--out {out} is inside {what} {folder}: write the model somewhere else")
+    if out.name == OWNER_KEYS or target.name == OWNER_KEYS:
+        raise GradauthError(f"--out {out} names an owner keys file: write the model somewhere else")
+    if _lexists(out):
+        mode = os.lstat(out).st_mode
+        if stat.S_ISLNK(mode):
+            raise GradauthError(f"--out {out} is a symbolic link (even --force does not write through one): give "
+                                "the path of a new file")
+        if not stat.S_ISREG(mode):
+            kind = ("a folder" if stat.S_ISDIR(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                    else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+            raise GradauthError(f"--out {out} is {kind}, not a regular file (even --force only replaces a file): "
+                                "give the path of a new file")
+        if _looks_like_owner_keys(out):
+            raise GradauthError(f"--out {out} holds owner keys (even --force does not replace them): write the "
+                                "model somewhere else")
+        if not force:
+            raise GradauthError(f"--out {out} already exists: pass --force to replace it, or give a new path")
+    return out
+
+
+def unlock_to_file(release_dir: str | os.PathLike, level: int, key: str, out: str | os.PathLike,
+                   force: bool = False) -> Path:
+    """`gradauth unlock`: the level's model file at `out` (nothing is written if any check fails).
+
+    `out` is checked (`check_unlock_out`) before anything is decrypted and again when the file is put in place: the
+    bytes go to a new temporary file beside it, which is then linked to `out` (fails if something appeared there)
+    or, with `force`, renamed over the regular file that is there: never written through a link or into a device."""
+    out = check_unlock_out(release_dir, out, force)
     plain = unlock_bytes(release_dir, level, key)
     rebuild(from_bytes(plain, f"level {level}"))  # the file must rebuild before it is written
-    with atomic_path(out) as tmp:
-        tmp.write_bytes(plain)
+    out = check_unlock_out(release_dir, out, force)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GradauthError(f"cannot make the folder of --out {out} ({e.strerror}): give a path in a writable folder")
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(8)}.tmp"
+    try:
+        _write_new(tmp, plain, 0o666 & ~umask)
+        if _lexists(out):  # only with force, and only a regular file (checked just above)
+            os.replace(tmp, out)
+        else:
+            try:
+                os.link(tmp, out)
+            except FileExistsError:
+                raise GradauthError(f"--out {out} appeared while unlocking: nothing was written; run again")
+            except OSError:  # a filesystem without hard links
+                if _lexists(out):
+                    raise GradauthError(f"--out {out} appeared while unlocking: nothing was written; run again")
+                os.replace(tmp, out)
+    finally:
+        if _lexists(tmp):
+            tmp.unlink()
     print(f"[unlock] level {level} → {out}", file=sys.stderr)
-    return Path(out)
+    return out
 
 
 __all__ = ["release_dir", "build_release", "unlock", "unlock_to_file", "unlock_bytes", "public_lock",
-           "locked_copy", "erase", "producers", "noise_fill", "union_masks", "read_levels", "encode_key", "decode_key"]
+           "locked_copy", "erase", "producers", "noise_fill", "union_masks", "read_levels", "encode_key", "decode_key", "check_unlock_out", "owner_keys_path",
+           "existing_release"]

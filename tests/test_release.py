@@ -149,8 +149,10 @@ def test_manifest_locked_model_and_hashes(sweep_dir, released):
 
 def test_owner_keys_are_0600_and_written_nowhere_else(sweep_dir, released):
     final, keys, _ = released
-    owner = final / "owner-keys.json"
-    assert owner.stat().st_mode & 0o777 == 0o600
+    owner = sweep_dir / "keys" / "owner-keys.json"  # outside release/, the folder that is published
+    assert owner.stat().st_mode & 0o777 == 0o600 and owner.parent.stat().st_mode & 0o777 == 0o700
+    assert sorted(p.name for p in final.iterdir()) == ["level-1.pack", "level-2.pack", "level-3.pack", "locked.pt",
+                                                       "manifest.json"]
     assert {int(k): v for k, v in json.loads(owner.read_text())["keys"].items()} == keys
     assert all(v.startswith("gak_") and len(rel.decode_key(v)) == 32 for v in keys.values())
     for path in sweep_dir.rglob("*"):
@@ -313,8 +315,8 @@ def test_a_crafted_pickle_is_refused_and_never_runs(released, tmp_path, capsys):
 
 
 def _variant(sweep_dir: Path, dst: Path, **edits) -> Path:
-    """A copy of the sweep dir (no release) with config fields changed."""
-    shutil.copytree(sweep_dir, dst, ignore=shutil.ignore_patterns("release"))
+    """A copy of the sweep dir (no release, no keys) with config fields changed."""
+    shutil.copytree(sweep_dir, dst, ignore=shutil.ignore_patterns("release", "keys"))
     cfg = read_config(dst)
     for dotted, value in edits.items():
         section, field = dotted.split("__")
@@ -327,7 +329,8 @@ def test_release_refuses_a_public_model_above_the_bound(sweep_dir, tmp_path, cap
     d = _variant(sweep_dir, tmp_path / "d", sweep__lock_bound=0.05)
     code, err = _cli(capsys, "release", d)
     assert code == 2 and "above the lock bound 0.0500" in err and len(err.splitlines()) == 1
-    assert not (d / "release").exists() and not any(p.name.startswith(".release") for p in d.iterdir())
+    assert not (d / "release").exists() and not (d / "keys").exists()
+    assert not any(p.name.startswith(".release") for p in d.iterdir())
     (d / "levels.json").write_text('{"levels": [{"level": 2, "fine_acc": 0.9, "trial_ids": ["x"]}]}')
     code, err = _cli(capsys, "release", d)
     assert code == 2 and "levels 1..N" in err

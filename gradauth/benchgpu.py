@@ -49,15 +49,15 @@ DATA_NOTE = ("synthetic: uniform random uint8 images 3×32×32 and uniform rando
 GPU = {
     "arch": "vgg19", "width": 1.0, "num_classes": 10, "train_images": 50_000, "test_images": 1_000,
     "batch_size": 128, "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "lock_rate": 0.1,
-    "seconds": 8.0, "repeats": 2, "warmup_images": 2_560,
-    "processes": 4, "fraction": 0.25, "cap_seconds": 8.0, "cap_rounds": 2, "cap_chunk_seconds": 1.0,
+    "seconds": 6.0, "repeats": 2, "warmup_images": 2_560,
+    "processes": 4, "fraction": 0.25, "cap_alone_seconds": 5.0, "cap_rounds": 2,
     "slicing_arch": "resnet10", "slicing_width": 1.0, "slicing_batches": [16, 256], "slicing_seconds": 4.0,
     "slicing_profile_samples": 256,
 }
 # Without CUDA: the same code, tiny, so the whole command takes seconds on two shared cores.
 CPU = GPU | {
     "width": 0.0625, "train_images": 256, "test_images": 64, "batch_size": 32, "seconds": 0.3, "warmup_images": 64,
-    "processes": 2, "cap_seconds": 0.3, "cap_rounds": 1, "cap_chunk_seconds": 0.1,
+    "processes": 2, "cap_alone_seconds": 0.3, "cap_rounds": 1,
     "slicing_width": 0.125, "slicing_batches": [16], "slicing_seconds": 0.3, "slicing_profile_samples": 32,
 }
 
@@ -114,14 +114,16 @@ def _schedule_for(t, images: int, n_train: int):
     return Schedule(epochs, t.lr, frac, t.scope, t.seed), epochs * n
 
 
-def finetune_ips(ctx, t, ds, device: torch.device, precision: str, images: int, model=None, masks=None):
-    """Images/s of one fine-tune call of about `images` images (the trial's finetune, lock held). Returns
-    (images/s, seconds, images, model, masks); pass model/masks back in to keep training the same model."""
+def finetune_ips(ctx, t, ds, device: torch.device, precision: str, images: int, masks_on_device: bool = False):
+    """Images/s of one fine-tune of about `images` images: a fresh locked model (`trial.locked_model`), moved to the
+    device, fine-tuned by `finetune.finetune` with the lock held, as `run_trial` does. Returns (images/s, seconds,
+    images). masks_on_device: hand finetune masks already on the device (run_trial passes them on the CPU)."""
     from .finetune import finetune
     from .trial import locked_model
-    if model is None:
-        model, masks = locked_model(ctx, t)
-        model.to(device)
+    model, masks = locked_model(ctx, t)
+    model.to(device)
+    if masks_on_device:
+        masks = {k: v.to(device) for k, v in masks.items()}
     sched, n = _schedule_for(t, images, len(ds.train))
     _sync(device)
     t0 = time.perf_counter()
@@ -129,7 +131,7 @@ def finetune_ips(ctx, t, ds, device: torch.device, precision: str, images: int, 
              weight_decay=ctx.weight_decay, precision=precision)
     _sync(device)
     dt = time.perf_counter() - t0
-    return n / dt, dt, n, model, masks
+    return n / dt, dt, n
 
 
 def warm_trial(ctx, t, ds, device: torch.device, images: int) -> dict:
@@ -150,35 +152,39 @@ def bench_precision(s: dict, device: torch.device) -> dict:
     ds = synthetic_cifar(s["train_images"], s["test_images"]).to(device)
     ctx, t = trial_setup(s, ds, "auto")
     trial = warm_trial(ctx, t, ds, device, s["warmup_images"])
-    modes = {"fp32": "fp32", "bf16_channels_last": "bf16"}
+    modes = {"fp32": ("fp32", False), "bf16_channels_last": ("bf16", False),
+             "bf16_channels_last_masks_on_device": ("bf16", True)}
     images = {}
-    for name, prec in modes.items():  # warm-up and calibration: about `seconds` of work per timed run
-        ips = finetune_ips(ctx, t, ds, device, prec, s["warmup_images"])[0]
+    for name, (prec, on_dev) in modes.items():  # warm-up and calibration: about `seconds` of work per timed run
+        ips = finetune_ips(ctx, t, ds, device, prec, s["warmup_images"], on_dev)[0]
         images[name] = max(s["batch_size"], int(ips * s["seconds"]))
     runs = {name: [] for name in modes}
-    for _ in range(s["repeats"]):  # interleaved: drift in the machine hits both alike
-        for name, prec in modes.items():
-            ips, dt, n, *_ = finetune_ips(ctx, t, ds, device, prec, images[name])
+    for _ in range(s["repeats"]):  # interleaved: drift in the machine hits every mode alike
+        for name, (prec, on_dev) in modes.items():
+            ips, dt, n = finetune_ips(ctx, t, ds, device, prec, images[name], on_dev)
             runs[name].append({"images_per_s": ips, "seconds": dt, "images": n})
     best = {k: max(r["images_per_s"] for r in v) for k, v in runs.items()}
     amp, cl = fast_path(device, "auto")
     out = {"device": str(device), "model": f"{s['arch']} ×{s['width']:g}", "batch_size": s["batch_size"],
            "lock": f"bn_gamma rate {s['lock_rate']:g} (random γ)", "warmup_trial": trial,
            "auto_precision_here": {"autocast": str(amp) if amp else None, "channels_last": cl},
+           "modes": {"fp32": "precision fp32: no autocast, NCHW (TF32 convolutions if torch allows them: machine.tf32_conv)",
+                     "bf16_channels_last": "precision bf16: what `auto` picks on a bf16 GPU; masks on the CPU, as "
+                                           "run_trial hands them to finetune today",
+                     "bf16_channels_last_masks_on_device": "the same with the lock masks moved to the GPU first "
+                                                           "(enforce_masks then copies nothing per step)"},
            "runs": runs, "best_images_per_s": best}
-    if device.type == "cuda":
-        out["speedup_bf16_channels_last_vs_fp32"] = best["bf16_channels_last"] / best["fp32"]
-    else:
-        out["speedup_bf16_channels_last_vs_fp32"] = NOT_MEASURED
+    for k in ("bf16_channels_last", "bf16_channels_last_masks_on_device"):
+        out[f"speedup_{k}_vs_fp32"] = best[k] / best["fp32"] if device.type == "cuda" else NOT_MEASURED
     return out
 
 
 # ---- 2. memory-capped worker processes ---------------------------------------------------------------------
 
 def worker_main(args: dict) -> None:
-    """A worker of bench_memory_cap: set up and warm up, say `ready`, then obey `run SECONDS CHUNK` / `quit` lines
-    on stdin, answering each run with one JSON line on stdout."""
-    s, device = args["settings"], torch.device(args["device"])
+    """A worker of bench_memory_cap: set up and warm up, answer `ready`; then `prep N` builds a fresh locked model
+    for a fine-tune of N images (answer `prepped`), `go` times it (answer: one JSON line), `quit` ends."""
+    s, device, prec = args["settings"], torch.device(args["device"]), args["precision"]
     cap = None
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -186,33 +192,45 @@ def worker_main(args: dict) -> None:
         cap = s["fraction"] * torch.cuda.get_device_properties(device).total_memory
     else:
         torch.set_num_threads(1)
+    from .finetune import finetune
+    from .trial import locked_model
     ds = synthetic_cifar(s["train_images"], s["test_images"], seed=1 + args["rank"]).to(device)
-    ctx, t = trial_setup(s, ds, args["precision"])
+    ctx, t = trial_setup(s, ds, prec)
     try:
         warm_trial(ctx, t, ds, device, s["warmup_images"])
-        _, _, _, model, masks = finetune_ips(ctx, t, ds, device, args["precision"], s["warmup_images"])
+        finetune_ips(ctx, t, ds, device, prec, s["warmup_images"])
     except torch.cuda.OutOfMemoryError as e:
         print(json.dumps({"ready": False, "error": f"out of memory under the cap in warm-up: {str(e)[:300]}"}),
               flush=True)
         return
     print(json.dumps({"ready": True, "pid": os.getpid()}), flush=True)
+    model = masks = sched = None
+    n = 0
     for line in sys.stdin:
         cmd = line.split()
-        if not cmd or cmd[0] != "run":
+        if cmd and cmd[0] == "prep":
+            model, masks = locked_model(ctx, t)
+            model.to(device)
+            sched, n = _schedule_for(t, int(cmd[1]), len(ds.train))
+            _sync(device)
+            print(json.dumps({"prepped": True}), flush=True)
+            continue
+        if not cmd or cmd[0] != "go":
             break
-        seconds, chunk = float(cmd[1]), int(cmd[2])
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        res: dict = {}
         start = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process on the machine
-        done, res = 0, {}
         try:
-            while time.monotonic() - start < seconds:
-                done += finetune_ips(ctx, t, ds, device, args["precision"], chunk, model, masks)[2]
+            finetune(model, masks, ds, sched, batch_size=ctx.batch_size, momentum=ctx.momentum,
+                     weight_decay=ctx.weight_decay, precision=prec)
+            _sync(device)
         except torch.cuda.OutOfMemoryError as e:
             res["error"] = f"out of memory under the cap: {str(e)[:300]}"
+            n = 0
         end = time.monotonic()
-        res |= {"rank": args["rank"], "pid": os.getpid(), "images": done, "start": start, "end": end,
-                "images_per_s": done / (end - start)}
+        res |= {"rank": args["rank"], "pid": os.getpid(), "images": n, "start": start, "end": end,
+                "images_per_s": n / (end - start)}
         if device.type == "cuda":
             res |= {"peak_allocated_bytes": torch.cuda.max_memory_allocated(device),
                     "peak_reserved_bytes": torch.cuda.max_memory_reserved(device), "cap_bytes": cap}
@@ -242,10 +260,17 @@ class _Workers:
             raise RuntimeError(f"worker {i} exited (code {self.procs[i].wait()}) without answering: {tail}")
         return json.loads(line)
 
-    def run(self, ranks: list[int], seconds: float, chunk: int) -> list[dict]:
+    def _send(self, ranks: list[int], line: str) -> None:
         for i in ranks:
-            self.procs[i].stdin.write(f"run {seconds} {chunk}\n")
+            self.procs[i].stdin.write(line + "\n")
             self.procs[i].stdin.flush()
+
+    def run(self, ranks: list[int], images: int) -> list[dict]:
+        """Each of `ranks` fine-tunes `images` images, all starting together (models are built before the go)."""
+        self._send(ranks, f"prep {images}")
+        for i in ranks:
+            self._answer(i)
+        self._send(ranks, "go")
         return [self._answer(i) for i in ranks]
 
     def close(self) -> None:
@@ -282,7 +307,9 @@ def _nvidia_smi_used(pids: list[int]) -> dict | str:
     return used or f"no rows for these pids (inside a container nvidia-smi may not see them): {out.strip()[:300]}"
 
 
-def bench_memory_cap(s: dict, device: torch.device, precision: str, chunk: int, logdir: Path) -> dict:
+def bench_memory_cap(s: dict, device: torch.device, precision: str, images: int, logdir: Path) -> dict:
+    """Each worker fine-tunes the same `images` images per run (about cap_alone_seconds for one process alone):
+    worker 0 alone, then all of them together; aggregate = all images / (last end - first start)."""
     import threading
     n = s["processes"]
     workers = _Workers(s, device, precision, n, logdir)
@@ -294,11 +321,11 @@ def bench_memory_cap(s: dict, device: torch.device, precision: str, chunk: int, 
         rounds = []
         smi: list = []
         for _ in range(s["cap_rounds"]):  # alone, then all together, interleaved over rounds
-            alone = workers.run([0], s["cap_seconds"], chunk)[0]
-            timer = threading.Timer(s["cap_seconds"] / 2, lambda: smi.append(_nvidia_smi_used(pids)))
+            alone = workers.run([0], images)[0]
+            timer = threading.Timer(alone["end"] - alone["start"], lambda: smi.append(_nvidia_smi_used(pids)))
             if device.type == "cuda":
                 timer.start()
-            together = workers.run(list(range(n)), s["cap_seconds"], chunk)
+            together = workers.run(list(range(n)), images)
             timer.cancel()
             wall = max(r["end"] for r in together) - min(r["start"] for r in together)
             rounds.append({"alone": alone, "concurrent": together,
@@ -308,8 +335,8 @@ def bench_memory_cap(s: dict, device: torch.device, precision: str, chunk: int, 
         workers.close()
     best_alone = max(r["alone"]["images_per_s"] for r in rounds)
     best_agg = max(r["concurrent_aggregate_images_per_s"] for r in rounds)
-    out = {"device": str(device), "processes": n, "precision": precision, "chunk_images": chunk,
-           "seconds_per_run": s["cap_seconds"], "rounds": rounds,
+    out = {"device": str(device), "processes": n, "precision": precision, "images_per_process_per_run": images,
+           "rounds": rounds,
            "best_alone_images_per_s": best_alone, "best_concurrent_aggregate_images_per_s": best_agg}
     if device.type == "cuda":
         every = [r["alone"] for r in rounds] + [p for r in rounds for p in r["concurrent"]]
@@ -457,15 +484,15 @@ def bench_gpu(out: Path) -> dict:
     else:
         b = r["best_images_per_s"]
         _log(f"1/3 fine-tune {r['model']} batch {s['batch_size']}: fp32 {b['fp32']:.0f} img/s, bf16+channels-last "
-             f"{b['bf16_channels_last']:.0f} img/s ({_ratio(r['speedup_bf16_channels_last_vs_fp32'])}) "
+             f"{b['bf16_channels_last']:.0f} img/s ({_ratio(r['speedup_bf16_channels_last_vs_fp32'])}), masks on the GPU {b['bf16_channels_last_masks_on_device']:.0f} img/s "
              f"[{result['seconds']['finetune_precision']:.0f} s]")
-    # the workers' chunk: about cap_chunk_seconds of work for one process alone, from measurement 1
+    # each worker's run: about cap_alone_seconds of work for one process alone, from measurement 1
     precision = "auto"
     est = r.get("best_images_per_s", {}).get("bf16_channels_last" if cuda else "fp32", 0) if "error" not in r else 0
-    chunk = max(s["batch_size"], int((est or 1000) * s["cap_chunk_seconds"]))
+    images = max(s["batch_size"], int((est or 1000) * s["cap_alone_seconds"]))
     logdir = out.parent / f".{out.stem}-workers"
     logdir.mkdir(parents=True, exist_ok=True)
-    r = step("memory_cap", lambda: bench_memory_cap(s, device, precision, chunk, logdir))
+    r = step("memory_cap", lambda: bench_memory_cap(s, device, precision, images, logdir))
     if "error" in r:
         _log(f"2/3 {s['processes']} capped processes vs 1: FAILED {errors['memory_cap']} (worker logs: {logdir})")
     else:

@@ -5,13 +5,17 @@ Three measurements, each a time-bounded loop after a warm-up, CUDA synchronised 
 1. fine-tune: a CIFAR VGG-19 trial's fine-tune (the trial's own code path: `trial.locked_model` builds the locked
    model, `finetune.finetune` → `engine.fit` trains it with batch augmentation on the device and the lock held),
    images/s in fp32 against bf16 autocast + channels-last (`engine.fast_path`, what `precision: auto` picks on a
-   bf16 GPU), interleaved, best of `repeats`. A whole `run_trial` (evaluate, fine-tune, compact) runs first as the
-   warm-up, so the full trial is known to work on the device.
+   bf16 GPU), interleaved, best of `repeats`; also with the lock masks handed over on the GPU (run_trial hands
+   them over on the CPU, so `enforce_masks` copies each one to the GPU after every step), and both precisions at
+   a larger batch (`large_batch_size`), which tells whether the config's batch leaves the GPU waiting on the host.
+   A whole `run_trial` (evaluate, fine-tune, compact) runs first as the warm-up, so the full trial is known to
+   work on the device.
 2. memory cap: `processes` worker processes, each capped at `fraction` of the GPU's memory with
-   `torch.cuda.set_per_process_memory_fraction` (as a 0.25-GPU sweep trial caps itself), each running the same
-   fine-tune: one alone, then all at once (interleaved rounds); aggregate images/s, and each process's peak
-   memory (the caching allocator's, and the driver's per-process figure from nvidia-smi where it is installed)
-   against its cap.
+   `torch.cuda.set_per_process_memory_fraction` (as a 0.25-GPU sweep trial caps itself), each fine-tuning the
+   same number of images: one alone, then all at once, started together (interleaved rounds); aggregate images/s
+   = all images / (last end − first start), and each process's peak memory (the caching allocator's, and the
+   driver's per-process figure from nvidia-smi, which includes the CUDA context the cap does not cover) against
+   its cap.
 3. slicing forward: the forward analysis the slicer runs before its backward pass (`slicing.record.forward_stats`,
    θ = 0: signs of every neuron's change from the profiled means, ReLU masks, max-pool arg-maxes) on a ResNet-10 at
    CIFAR resolution, on the GPU against the CPU (all cores): samples/s.
@@ -19,8 +23,9 @@ Three measurements, each a time-bounded loop after a warm-up, CUDA synchronised 
 The data are synthetic (uniform random uint8 images 3×32×32, 10 random classes): the GPU machine has no dataset,
 and throughput does not depend on the pixels; accuracies from this data mean nothing. The command imports neither
 Ray, cryptography nor PyYAML, so it runs on a bare machine with torch ≥ 2.5 from a checkout:
-`python3 -m gradauth bench gpu --out DIR`. Without CUDA it runs a tiny version of the same code on the CPU (seconds)
-and writes the same JSON, the GPU figures marked "not measured (no CUDA)": CI tests the code path that way.
+`python3 -m gradauth bench gpu --out DIR` (about 2.5 minutes on an H200). Without CUDA it runs a tiny version of
+the same code on the CPU (seconds on an idle machine) and writes the same JSON, the GPU figures marked
+"not measured (no CUDA)": CI tests the code path that way.
 The JSON is rewritten after each measurement, so a run cut short keeps what it measured.
 """
 from __future__ import annotations
@@ -49,14 +54,15 @@ DATA_NOTE = ("synthetic: uniform random uint8 images 3×32×32 and uniform rando
 GPU = {
     "arch": "vgg19", "width": 1.0, "num_classes": 10, "train_images": 50_000, "test_images": 1_000,
     "batch_size": 128, "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "lock_rate": 0.1,
-    "seconds": 6.0, "repeats": 2, "warmup_images": 2_560,
+    "large_batch_size": 512, "seconds": 5.0, "repeats": 2, "warmup_images": 2_560,
     "processes": 4, "fraction": 0.25, "cap_alone_seconds": 5.0, "cap_rounds": 2,
     "slicing_arch": "resnet10", "slicing_width": 1.0, "slicing_batches": [16, 256], "slicing_seconds": 4.0,
     "slicing_profile_samples": 256,
 }
 # Without CUDA: the same code, tiny, so the whole command takes seconds on two shared cores.
 CPU = GPU | {
-    "width": 0.0625, "train_images": 256, "test_images": 64, "batch_size": 32, "seconds": 0.3, "warmup_images": 64,
+    "width": 0.0625, "train_images": 256, "test_images": 64, "batch_size": 32, "large_batch_size": 64,
+    "seconds": 0.2, "warmup_images": 64,
     "processes": 2, "cap_alone_seconds": 0.3, "cap_rounds": 1,
     "slicing_width": 0.125, "slicing_batches": [16], "slicing_seconds": 0.3, "slicing_profile_samples": 32,
 }
@@ -152,16 +158,20 @@ def bench_precision(s: dict, device: torch.device) -> dict:
     ds = synthetic_cifar(s["train_images"], s["test_images"]).to(device)
     ctx, t = trial_setup(s, ds, "auto")
     trial = warm_trial(ctx, t, ds, device, s["warmup_images"])
-    modes = {"fp32": ("fp32", False), "bf16_channels_last": ("bf16", False),
-             "bf16_channels_last_masks_on_device": ("bf16", True)}
+    big = dataclasses.replace(ctx, batch_size=s["large_batch_size"])
+    modes = {"fp32": (ctx, "fp32", False), "bf16_channels_last": (ctx, "bf16", False),
+             "bf16_channels_last_masks_on_device": (ctx, "bf16", True),
+             f"fp32_batch{big.batch_size}": (big, "fp32", False),
+             f"bf16_channels_last_batch{big.batch_size}": (big, "bf16", False)}
     images = {}
-    for name, (prec, on_dev) in modes.items():  # warm-up and calibration: about `seconds` of work per timed run
-        ips = finetune_ips(ctx, t, ds, device, prec, s["warmup_images"], on_dev)[0]
-        images[name] = max(s["batch_size"], int(ips * s["seconds"]))
+    for name, (c, prec, on_dev) in modes.items():  # warm-up (twice: the first call pays cuDNN's and the allocator's
+        for _ in range(2):                         # start) and calibration: about `seconds` of work per timed run
+            ips = finetune_ips(c, t, ds, device, prec, s["warmup_images"], on_dev)[0]
+        images[name] = max(c.batch_size, int(ips * s["seconds"]))
     runs = {name: [] for name in modes}
     for _ in range(s["repeats"]):  # interleaved: drift in the machine hits every mode alike
-        for name, (prec, on_dev) in modes.items():
-            ips, dt, n = finetune_ips(ctx, t, ds, device, prec, images[name], on_dev)
+        for name, (c, prec, on_dev) in modes.items():
+            ips, dt, n = finetune_ips(c, t, ds, device, prec, images[name], on_dev)
             runs[name].append({"images_per_s": ips, "seconds": dt, "images": n})
     best = {k: max(r["images_per_s"] for r in v) for k, v in runs.items()}
     amp, cl = fast_path(device, "auto")
@@ -172,10 +182,15 @@ def bench_precision(s: dict, device: torch.device) -> dict:
                      "bf16_channels_last": "precision bf16: what `auto` picks on a bf16 GPU; masks on the CPU, as "
                                            "run_trial hands them to finetune today",
                      "bf16_channels_last_masks_on_device": "the same with the lock masks moved to the GPU first "
-                                                           "(enforce_masks then copies nothing per step)"},
+                                                           "(enforce_masks then copies nothing per step)",
+                     f"fp32_batch{big.batch_size}": "fp32 at a larger batch than the config's: is the step host-bound?",
+                     f"bf16_channels_last_batch{big.batch_size}": "bf16 + channels-last at that batch"},
            "runs": runs, "best_images_per_s": best}
     for k in ("bf16_channels_last", "bf16_channels_last_masks_on_device"):
         out[f"speedup_{k}_vs_fp32"] = best[k] / best["fp32"] if device.type == "cuda" else NOT_MEASURED
+    b = big.batch_size
+    out[f"speedup_bf16_channels_last_vs_fp32_batch{b}"] = (
+        best[f"bf16_channels_last_batch{b}"] / best[f"fp32_batch{b}"] if device.type == "cuda" else NOT_MEASURED)
     return out
 
 
@@ -197,7 +212,8 @@ def worker_main(args: dict) -> None:
     ds = synthetic_cifar(s["train_images"], s["test_images"], seed=1 + args["rank"]).to(device)
     ctx, t = trial_setup(s, ds, prec)
     try:
-        warm_trial(ctx, t, ds, device, s["warmup_images"])
+        if device.type == "cuda":  # the whole trial once per process on the GPU; the CPU fallback saves the time
+            warm_trial(ctx, t, ds, device, s["warmup_images"])
         finetune_ips(ctx, t, ds, device, prec, s["warmup_images"])
     except torch.cuda.OutOfMemoryError as e:
         print(json.dumps({"ready": False, "error": f"out of memory under the cap in warm-up: {str(e)[:300]}"}),
@@ -362,11 +378,13 @@ def _forward_sps(plan, means, x: torch.Tensor, batch: int, seconds: float, devic
     from .slicing.record import forward_stats
     forward_stats(plan, means, x[:batch], 0.0)  # warm-up
     _sync(device)
-    done, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        for i in range(0, len(x) - batch + 1, batch):
-            forward_stats(plan, means, x[i:i + batch], 0.0)
-            done += batch
+    starts = range(0, len(x) - batch + 1, batch)
+    done, i, t0 = 0, 0, time.perf_counter()
+    while done == 0 or time.perf_counter() - t0 < seconds:
+        for _ in range(8 if device.type == "cuda" else 1):  # a few batches between clock reads (and syncs)
+            j = starts[i % len(starts)]
+            forward_stats(plan, means, x[j:j + batch], 0.0)
+            done, i = done + batch, i + 1
         _sync(device)
     dt = time.perf_counter() - t0
     return {"samples_per_s": done / dt, "samples": done, "seconds": dt}
@@ -482,9 +500,11 @@ def bench_gpu(out: Path) -> dict:
     if "error" in r:
         _log(f"1/3 fine-tune fp32 vs bf16: FAILED {errors['finetune_precision']}")
     else:
-        b = r["best_images_per_s"]
+        b, big = r["best_images_per_s"], s["large_batch_size"]
         _log(f"1/3 fine-tune {r['model']} batch {s['batch_size']}: fp32 {b['fp32']:.0f} img/s, bf16+channels-last "
-             f"{b['bf16_channels_last']:.0f} img/s ({_ratio(r['speedup_bf16_channels_last_vs_fp32'])}), masks on the GPU {b['bf16_channels_last_masks_on_device']:.0f} img/s "
+             f"{b['bf16_channels_last']:.0f} img/s ({_ratio(r['speedup_bf16_channels_last_vs_fp32'])}), with the "
+             f"masks on the GPU {b['bf16_channels_last_masks_on_device']:.0f} img/s; batch {big}: fp32 "
+             f"{b['fp32_batch%d' % big]:.0f}, bf16+channels-last {b['bf16_channels_last_batch%d' % big]:.0f} img/s "
              f"[{result['seconds']['finetune_precision']:.0f} s]")
     # each worker's run: about cap_alone_seconds of work for one process alone, from measurement 1
     precision = "auto"

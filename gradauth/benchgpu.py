@@ -439,8 +439,22 @@ def bench_slicing_forward(s: dict, device: torch.device) -> dict:
 
 # ---- the command -----------------------------------------------------------------------------------------------
 
+def _git() -> str:
+    """The checkout's commit, "+dirty" if tracked files differ from it (pipeline.git_sha's answer, without
+    importing the pipeline and whatever it may come to import)."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+
+
 def machine(device: torch.device) -> dict:
-    m = {"python": platform.python_version(), "torch": torch.__version__, "cuda_runtime": torch.version.cuda,
+    m = {"git": _git(), "python": platform.python_version(), "torch": torch.__version__, "cuda_runtime": torch.version.cuda,
          "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "hostname": platform.node()}
     try:
         import torchvision

@@ -266,7 +266,11 @@ class _Workers:
             self.procs.append(subprocess.Popen(
                 [sys.executable, "-m", "gradauth.benchgpu", "worker", json.dumps(args)], stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=root))
-        self.ready = [self._answer(i) for i in range(n)]
+        try:
+            self.ready = [self._answer(i) for i in range(n)]
+        except BaseException:
+            self.close()  # no worker outlives a failed start
+            raise
 
     def _answer(self, i: int) -> dict:
         line = self.procs[i].stdout.readline()

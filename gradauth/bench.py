@@ -18,7 +18,7 @@ import torch
 from .errors import GradauthError
 from .fsutil import write_json
 
-BENCHES = ("sweep", "slicing")
+BENCHES = ("sweep", "slicing", "gpu")
 
 
 def _machine() -> dict:
@@ -151,6 +151,19 @@ def run_bench(name: str, out: Path | None = None) -> Path:
     if name not in BENCHES:
         raise GradauthError(f"unknown benchmark {name!r}: choose one of {', '.join(BENCHES)}")
     out = out or Path("results/bench") / f"{name}.json"
+    if out.is_dir() or out.suffix != ".json":  # `--out DIR`: DIR/NAME.json
+        out = out / f"{name}.json"
+    try:  # before minutes of measuring, not after
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GradauthError(f"--out {out}: cannot create its folder ({e.strerror or e}): give a writable path")
+    if not os.access(out.parent, os.W_OK) or out.is_dir():
+        raise GradauthError(f"--out {out}: cannot write there: give a writable file path or folder")
+    if name == "gpu":
+        from .benchgpu import bench_gpu
+        if bench_gpu(out)["errors"]:
+            raise SystemExit(1)  # the figures that were measured are in `out`; the progress lines say what failed
+        return out
     if name == "sweep":
         result = bench_sweep(out)
     else:

@@ -13,8 +13,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .errors import GradauthError
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
@@ -239,6 +237,7 @@ def parse_config(raw: Any, source: str = "config") -> Config:
 
 
 def load_config(path: str | Path) -> Config:
+    import yaml  # here, not at the top: `gradauth bench gpu` imports this module on machines without PyYAML
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -252,4 +251,5 @@ def load_config(path: str | Path) -> Config:
 
 
 def dump_config(cfg: Config) -> str:
+    import yaml
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

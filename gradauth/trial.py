@@ -61,7 +61,10 @@ def locked_model(ctx: TrialContext, t: TrialSpec) -> tuple[nn.Module, Masks]:
     model = build_model(ctx.spec.arch, ctx.spec.num_classes, ctx.spec.in_channels, ctx.spec.width)
     model.load_state_dict(ctx.base_state)
     masks = lock_masks(ctx.scores[t.importance], t.lock_mode, t.lock_value)
-    apply_masks(model, masks)
+    # Zero the locked channels but keep no gradient hook: `finetune` registers the masks once the model is on its
+    # device; a hook from here would hold a CPU tensor and fail the first backward on a GPU (g * k across devices).
+    for h in apply_masks(model, masks):
+        h.remove()
     return model, masks
 
 

@@ -226,6 +226,7 @@ def test_a_new_op_is_one_class(monkeypatch):
         assert all(torch.equal(fast.neurons[k], ref.neurons[k]) for k in ref.neurons)
         assert int(fast.channels["1"].sum()) > 0  # CONTRIB went through the tanh
     assert "Tanh" in ops.supported()
+    assert vectorized.RULES["tanh"] == Tanh.backward.__get__(ops.RULES["tanh"]) and "tanh" in reference.LOOPS
 
 
 def test_refusals_name_the_op_and_list_the_registry():

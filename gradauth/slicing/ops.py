@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import itertools
 import operator
-from typing import Any, Callable, Iterator
+from collections.abc import Mapping
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -119,6 +120,23 @@ def register(cls: type[OpRule]) -> type[OpRule]:
         for k in keys:
             table[k] = rule
     return cls
+
+
+class RuleTable(Mapping):
+    """A live, read-only view kind -> one part of every registered rule (`vectorized.RULES` is the backwards,
+    `reference.LOOPS` the loops): the tables those modules had, now derived, so they cannot drift apart."""
+
+    def __init__(self, part: str):
+        self.part = part
+
+    def __getitem__(self, kind: str):
+        return getattr(RULES[kind], self.part)
+
+    def __iter__(self):
+        return iter(RULES)
+
+    def __len__(self) -> int:
+        return len(RULES)
 
 
 def supported() -> str:

@@ -48,5 +48,4 @@ def _slice_one(plan: Plan, rec: dict, theta: float, target: int | None) -> dict[
     return result
 
 
-# the rules' loop functions, by kind, for callers of the old table (the rules live in ops.py)
-LOOPS = {kind: rule.loop for kind, rule in ops.RULES.items()}
+LOOPS = ops.RuleTable("loop")  # kind -> its rule's loop, as the old table was (the rules live in ops.py)

@@ -11,7 +11,6 @@ step's CONTRIB map to its rule.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -111,5 +110,4 @@ def synapse_count(s: Step, active: torch.Tensor, in_shape: torch.Size) -> int:
     return s.rule.synapses(s, active, in_shape)
 
 
-# the rules' backward functions, by kind, for callers of the old table (the rules live in ops.py)
-RULES: dict[str, Callable] = {kind: rule.backward for kind, rule in ops.RULES.items()}
+RULES = ops.RuleTable("backward")  # kind -> its rule's backward, as the old table was (the rules live in ops.py)

@@ -193,6 +193,15 @@ def test_a_claimed_op_cannot_be_claimed_again(monkeypatch):
         kind, functions = "relu", (torch.tanh,)
     with pytest.raises(ValueError, match="relu"):
         ops.register(Again)
+
+    class NoLoop(ops.OpRule):
+        """tanh without a loop reference"""
+        kind, functions = "tanh", (torch.tanh,)
+
+        def backward(self, s, c, st, theta, block, wanted):
+            return iter(())
+    with pytest.raises(ValueError, match="states no loop"):
+        ops.register(NoLoop)
     assert {n: getattr(ops, n) for n in before} == before  # a refused rule leaves every table as it was
 
 
@@ -240,8 +249,15 @@ def test_refusals_name_the_op_and_list_the_registry():
         Plan(Slices())
     with pytest.raises(UnsupportedOp, match="tensor method .sigmoid"):
         Plan(_Sigmoid())
+    with pytest.raises(UnsupportedOp, match="one logits tensor"):
+        Plan(_Pair())
 
 
 class _Sigmoid(nn.Module):
     def forward(self, x):
         return x.sigmoid()
+
+
+class _Pair(nn.Module):
+    def forward(self, x):
+        return x, x

@@ -108,14 +108,21 @@ NODES: dict[str, OpRule] = {}
 
 
 def register(cls: type[OpRule]) -> type[OpRule]:
-    """Add a rule to the registry and its ops to the tables; an op (or kind) claimed twice is a programming error."""
+    """Add a rule to the registry and its ops to the tables. An op (or kind) claimed twice, or a rule without a
+    kind, an op, a docstring, a backward or a loop, is a programming error: ValueError, nothing registered."""
     rule = cls()
     tables = ((RULES, (rule.kind,)), (MODULES, rule.modules), (FUNCTIONS, rule.functions),
               (METHODS, rule.methods), (NODES, rule.nodes))
     for table, keys in tables:
         taken = [k for k in keys if k in table]
-        if taken or not rule.kind:
-            raise ValueError(f"op rule {cls.__name__}: {taken or 'no kind'} already has a rule")
+        if taken:
+            raise ValueError(f"op rule {cls.__name__}: {taken} already have a rule ({table[taken[0]].kind})")
+    missing = [part for part, bad in (
+        ("kind", not rule.kind), ("op", not (rule.modules or rule.functions or rule.methods or rule.nodes)),
+        ("docstring", not (cls.__doc__ or "").strip()), ("backward", cls.backward is OpRule.backward),
+        ("loop", cls.loop is OpRule.loop)) if bad]
+    if missing:
+        raise ValueError(f"op rule {cls.__name__} states no {', '.join(missing)}")
     for table, keys in tables:
         for k in keys:
             table[k] = rule
@@ -151,7 +158,8 @@ def _nothing(*_) -> Contribs:
 
 @register
 class Input(OpRule):
-    """The graph input (the image): profiled and given Δ like any neuron, but it gets no CONTRIB."""
+    """The graph input (the image): profiled and given Δ like any neuron, but it gets no CONTRIB. graph.run feeds
+    it the batch (channels-last when 4-d)."""
     kind, nodes, receives = "input", ("placeholder",), False
     backward = staticmethod(_nothing)
 
@@ -161,7 +169,8 @@ class Input(OpRule):
 
 @register
 class Const(OpRule):
-    """A get_attr node (a parameter or buffer read in forward): no neurons, nothing flows."""
+    """A get_attr node (a parameter or buffer read in forward, graph.run looks it up): no neurons, nothing flows;
+    as an operand of an add it simply gets no CONTRIB."""
     kind, nodes, neurons, receives = "const", ("get_attr",), False, False
     backward = staticmethod(_nothing)
 
@@ -194,6 +203,10 @@ class Output(OpRule):
 
     def operands(self, node):
         return [node.args[0]] if isinstance(node.args[0], fx.Node) else []
+
+    def check(self, step) -> None:
+        if len(step.parents) != 1 or not isinstance(step.node.args[0], fx.Node):
+            raise UnsupportedOp("the model must return one logits tensor to slice from (it returns a tuple or dict)")
 
     def loop(self, s, rec, contrib, theta, plan) -> None:
         pass

@@ -1,6 +1,6 @@
 """NNSlicer (Zhang et al., FSE 2020): which neurons and channels carry a model's decision on a set of inputs.
 
-Semantics (settled here; the loop reference in reference.py is their executable form):
+Semantics (settled here and, per op, in ops.py; the loop reference is their executable form):
 
 - Neurons are the elements of every traced op's output. Profiling: mean output of each neuron over a profiling set.
   Forward analysis: Δ = output − profiled mean, per input of interest (float32, as the model computes it).
@@ -10,23 +10,21 @@ Semantics (settled here; the loop reference in reference.py is their executable 
   it received from all its consumers (an integer). sign(0) = 0, and the sign of a product is the product of the
   signs (so no float underflow can turn a nonzero contribution into 0).
 - Δx_i is always the input neuron's own Δ (its output minus its profiled mean).
-- Conv2d / Linear: w_i is the weight; the bias is not an input; zero padding is not an input (contributes nothing).
-  θ filter per output neuron (theta.py): sort inputs by |w_i·Δx_i| ascending, ties by input index, and drop the
-  longest prefix whose running sums all have |S_j| < θ·|y_n|, with y_n the neuron's output (float32 as the model
-  computes it, bias included), as the issue's contract says. Sums are exact (no rounding). θ = 0, or y_n = 0,
-  keeps every input; a neuron whose whole change stays below θ·|y_n| drops every input.
-- BatchNorm (eval, y = a·x + b with a = γ/√(var+ε)): w = a, so the parent gets sign(CONTRIB·Δy·γ·Δx_in): the
-  scale's sign is part of the weight (a negative γ flips nothing in effect, since Δy ≈ a·Δx; γ = 0 — a locked
-  channel — passes nothing). Residual add: each operand p gets sign(CONTRIB·Δy·Δx_p) (w = 1). ReLU: likewise,
-  only where the output is > 0. MaxPool: only the arg-max input (first maximum in row-major window order, as
-  PyTorch picks it). AvgPool / AdaptiveAvgPool: every in-bounds input of the window (w > 0; padding is no input).
-- flatten / view / reshape / Identity / Dropout (eval) re-index: the parent gets CONTRIB unchanged. torch.cat
-  routes to each parent its own slice, unchanged. The image (graph input) gets no CONTRIB. An op without a rule
-  is refused with an UnsupportedOp error naming it.
+- Each op's own rule (which inputs it passes CONTRIB to, with which w_i; Conv2d / Linear's θ filter, theta.py)
+  is the docstring of its rule object in ops.py, next to its vectorised and loop implementations:
+  Conv2d, Linear, BatchNorm, ReLU, MaxPool, AvgPool, AdaptiveAvgPool, add, cat, flatten / view / reshape,
+  Identity / Dropout. In short: weighted sums and elementwise ops pass sign(CONTRIB·Δy·w·Δx) (the bias and zero
+  padding are no inputs; BN's w is γ's sign; a ReLU passes only where its output is > 0; a max-pool only to its
+  arg-max), re-indexing ops and cat pass CONTRIB unchanged. The image (graph input) gets no CONTRIB. An op
+  without a rule is refused with an UnsupportedOp error naming it.
 - Many inputs: the slice of a set is the sum of per-input CONTRIB. Per channel: Σ |CONTRIB| over positions and
   inputs (|·| per input, before summing).
 - Results are keyed by leaf-module name (model.named_modules()); a module called k > 1 times (torchvision's
   reused ReLU) has its later calls under "name#1", "name#2", …
+
+Modules: ops (the op rules, one object per op, and the op tables) ← graph (trace → steps) ← record (profile,
+forward statistics) ← vectorized (batch backward walk) / reference (loop walk) ← distributed / stage / bench;
+algebra.py and loops.py hold the helpers the vectorised and the loop rules use, theta.py and kernel.py the θ cut.
 
 Paths: `slice_model` (single process, vectorised), `reference.slice_loop` (per-neuron loops), and
 `distributed.slice_ray` (forward actors + backward tasks on Ray); all three give identical integers.

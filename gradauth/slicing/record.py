@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
+from .algebra import mean_like
 from .graph import Plan, Step, run
 
 BATCH = 32  # samples per forward batch: bounds activation memory (≈ batch × the model's activations)
@@ -21,7 +21,7 @@ def batches(x: torch.Tensor, size: int = BATCH) -> list[torch.Tensor]:
 
 
 def _neuron_steps(plan: Plan) -> set[str]:
-    return {s.name for s in plan.steps if s.kind not in ("const", "meta", "output")}
+    return {s.name for s in plan.steps if s.rule.neurons}
 
 
 @torch.no_grad()
@@ -60,9 +60,10 @@ def profile(plan: Plan, x: torch.Tensor, batch: int = BATCH) -> dict[str, torch.
 class Stats:
     """What backward analysis needs for one batch, and nothing more (this is what crosses the wire on Ray).
 
-    sd: sign(Δ) of every neuron (float32 in process, int8 once `compact`). With θ > 0 also dx: Δ of every weighted-sum input and y: the output of
-    every weighted sum (float32; the θ filter compares with |y|). pos: y > 0 of ReLUs; idx: arg-max positions of
-    max-pools; pred: predicted class.
+    sd: sign(Δ) of every neuron (float32 in process, int8 once `compact`); pred: predicted class. The other maps
+    are filled by the op rules that declare them in `records` (ops.py): with θ > 0 dx: Δ of every weighted-sum
+    input and y: the output of every weighted sum (float32; the θ filter compares with |y|); pos: y > 0 of ReLUs;
+    idx: arg-max positions of max-pools.
     """
     n: int
     pred: torch.Tensor
@@ -87,39 +88,16 @@ class Stats:
 @torch.no_grad()
 def forward_stats(plan: Plan, means: dict[str, torch.Tensor], x: torch.Tensor, theta: float) -> Stats:
     st = Stats(len(x), torch.empty(0, dtype=torch.int64))
-    weighted = ("conv", "linear")
 
     def visit(s: Step, val, args):
         if s.name not in means or not isinstance(val, torch.Tensor):
             return
-        st.sd[s.name] = torch.sub(val, _like(means[s.name], val)).sign_()
-        if s.kind == "relu":
-            st.pos[s.name] = val > 0
-        elif s.kind == "maxpool":
-            st.idx[s.name] = _argmax(s, args[0])
-        elif s.kind in weighted and theta > 0:
-            st.y[s.name] = val
-            if s.parents[0] in means and s.parents[0] not in st.dx:
-                st.dx[s.parents[0]] = args[0] - _like(means[s.parents[0]], args[0])
+        st.sd[s.name] = torch.sub(val, mean_like(means[s.name], val)).sign_()
+        s.rule.record(st, s, val, args, means, theta)
         if s.name == plan.logits:
             st.pred = val.argmax(1)  # first maximum on ties
     run(plan, x, visit)
     return st
-
-
-def _like(mean: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
-    """The mean in the memory layout of the batch it is subtracted from (a channels-last map minus an NCHW mean
-    is a strided loop, several times slower). Same values, same float subtraction. Means from `profile` already
-    are (combine_means), so this is a view; it copies only a mean made elsewhere."""
-    if val.dim() == 4 and val.is_contiguous(memory_format=torch.channels_last):
-        return mean[None].contiguous(memory_format=torch.channels_last)
-    return mean
-
-
-def _argmax(s: Step, x: torch.Tensor) -> torch.Tensor:
-    m = s.op
-    _, idx = F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True)
-    return idx
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ IMPORTANCES = ("bn_gamma", "slice")
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("cosine", "step")
 LOCK_MODES = ("rate", "threshold")
+INT_MAX = 2**31 - 1              # any count beyond this is a typo (and would overflow torch's int64 index arithmetic)
 SEED_MAX = 2**32 - 1            # numpy's limit; trial generators multiply seeds, so keep them well inside int64
 
 
@@ -273,6 +274,8 @@ def _value_problem(v: Any, r: Rule) -> str | None:
         above = r.hi is not None and (v >= r.hi if r.hi_open else v > r.hi)
         if below or above:
             return f"must be {_range_text(r)}, got {v!r}"
+        if r.kind == "int" and r.hi is None and v > INT_MAX:
+            return f"must be ≤ {INT_MAX}, got {v!r}"
     if r.choices is not None and v not in r.choice_list():
         return f"{v!r} is not one of {', '.join(r.choice_list())}"
     return r.check(v) if r.check else None
@@ -280,7 +283,7 @@ def _value_problem(v: Any, r: Rule) -> str | None:
 
 def _resources_problems(v: Any, where: str) -> list[str]:
     example = "e.g. {cpu: 1, gpu: 0.25}"
-    if not isinstance(v, dict) or not v or set(v) - {"cpu", "gpu"}:
+    if not isinstance(v, dict) or set(v) - {"cpu", "gpu"}:
         return [f"`{where}` must be a mapping with keys cpu and gpu, {example}"]
     problems = []
     for k, n in v.items():
@@ -289,7 +292,7 @@ def _resources_problems(v: Any, where: str) -> list[str]:
             problems.append(f"`{where}.{k}` {p}")
         elif k == "gpu" and n > 1 and n != int(n):
             problems.append(f"`{where}.gpu` {n!r}: more than one GPU per trial must be a whole number")
-    if not problems and not any(v.values()):
+    if not problems and not (v.get("cpu", 1) or v.get("gpu", 0)):  # a missing key means cpu 1, gpu 0 (sweep.py)
         problems.append(f"`{where}` asks for no cpu and no gpu: a trial needs some, {example}")
     return problems
 
@@ -356,6 +359,9 @@ def _build(cls, raw: Any, where: str, problems: list[str], bad: set[str]):
     return cls(**kwargs)
 
 
+NAME_RULE = next(f for f in fields(ImportanceConfig) if f.name == "name").metadata["rule"]
+
+
 def _importances(raw: Any, problems: list[str], bad: set[str]) -> list[ImportanceConfig]:
     if raw is None:
         return [ImportanceConfig()]
@@ -366,9 +372,10 @@ def _importances(raw: Any, problems: list[str], bad: set[str]) -> list[Importanc
     out = []
     for i, item in enumerate(items):
         where = "importance" if len(items) == 1 else f"importance[{i}]"
-        if isinstance(item, str):
-            if item not in IMPORTANCES:
-                problems.append(f"`importance` {item!r} is not one of {', '.join(IMPORTANCES)}")
+        if isinstance(item, str):  # a bare name: checked by the `name` field's own rule
+            before = len(problems)
+            check_field(item, NAME_RULE, where, problems)
+            if len(problems) > before:
                 bad.add("importance")
                 continue
             out.append(ImportanceConfig(name=item))

@@ -73,6 +73,7 @@ BAD_VALUES = [
     ({"train__epochs": True}, "`train.epochs` must be a whole number, got True"),
     ({"train__batch_size": -5}, "`train.batch_size` must be ≥ 1, got -5"),
     ({"train__batch_size": 0}, "`train.batch_size` must be ≥ 1, got 0"),
+    ({"train__batch_size": 10**11}, "`train.batch_size` must be ≤ 2147483647"),
     ({"train__schedule": "linear"}, "`train.schedule` 'linear' is not one of cosine, step"),
     ({"train__precision": "fp16"}, "`train.precision` 'fp16' is not one of auto, fp32, bf16"),
     ({"train__momentum": 0.0}, "`train.momentum` must be in (0, 1), got 0.0"),
@@ -195,6 +196,14 @@ def test_every_problem_is_in_the_one_line(tmp_path, capsys):
                    "`select.levels`", "`sweep.resources.gpu`", "unknown key `bogus`"):
         assert needle in err
     assert err.count("; ") == 8
+
+
+def test_a_merge_key_override_is_not_a_duplicate(tmp_path):
+    """`<<: *anchor` then an explicit key is YAML's way to override: allowed, the explicit value wins."""
+    p = tmp_path / "c.yaml"
+    p.write_text("train: &t {lr: 0.1, epochs: 3}\nfinetune:\n  batch_size: 32\n  <<: {momentum: 0.5, batch_size: 16}\n")
+    cfg = load_config(p)
+    assert (cfg.finetune.batch_size, cfg.finetune.momentum, cfg.train.lr) == (32, 0.5, 0.1)
 
 
 def test_yaml_exponent_without_a_dot_is_a_number(tmp_path):

@@ -230,6 +230,12 @@ def _range_text(r: Rule) -> str:
     return f"{'<' if r.hi_open else '≤'} {_fmt(r.hi)}"
 
 
+def _show(v: Any) -> str:
+    """A value as the message shows it: its repr, cut short (a whole pasted file must not become the line)."""
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _type_problem(v: Any, kind: str) -> str | None:
     """Why `v` is not of `kind` (with the fix), or None. Booleans are not numbers and text is not a boolean."""
     want = _TYPE_WORDS[kind]
@@ -237,30 +243,30 @@ def _type_problem(v: Any, kind: str) -> str | None:
         if isinstance(v, bool):
             return None
         if isinstance(v, str) and v.strip().lower() in ("yes", "no", "true", "false", "on", "off", "y", "n"):
-            return f"must be {want}, got the text {v!r}: write true or false without quotes"
-        return f"must be {want}, got {v!r}"
+            return f"must be {want}, got the text {_show(v)}: write true or false without quotes"
+        return f"must be {want}, got {_show(v)}"
     if kind == "str":
         if isinstance(v, str):
-            return None if v.strip() else f"is empty text: give a value or leave the key out"
-        return f"must be {want}, got {v!r}: put it in quotes if it is meant as text"
+            return None if v.strip() else "is empty text: give a value or leave the key out"
+        return f"must be {want}, got {_show(v)}: put it in quotes if it is meant as text"
     if isinstance(v, bool):
-        return f"must be {want}, got {v!r}"
+        return f"must be {want}, got {_show(v)}"
     if isinstance(v, str):
         try:
             float(v)
-            return f"must be {want}, got the text {v!r}: remove the quotes"
+            return f"must be {want}, got the text {_show(v)}: remove the quotes"
         except ValueError:
-            return f"must be {want}, got {v!r}"
+            return f"must be {want}, got {_show(v)}"
     if kind == "int":
         if isinstance(v, int):
             return None
         if isinstance(v, float) and math.isfinite(v) and v == int(v):
-            return f"must be {want}, got {v!r}: write {int(v)}"
-        return f"must be {want}, got {v!r}"
+            return f"must be {want}, got {_show(v)}: write {int(v)}"
+        return f"must be {want}, got {_show(v)}"
     if not isinstance(v, (int, float)):
-        return f"must be {want}, got {v!r}"
+        return f"must be {want}, got {_show(v)}"
     if not math.isfinite(v):
-        return f"must be a finite number, got {v!r}"
+        return f"must be a finite number, got {_show(v)}"
     return None
 
 

@@ -275,3 +275,16 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     train, test = train.subset(cfg.train_subset, seed), test.subset(cfg.test_subset, seed)
     mean, std = _stats(train.x)
     return Dataset(cfg.name, train, val, test, k, mean, std, cfg.crop_pad, cfg.flip)
+
+
+def check_config_against(cfg, ds: Dataset) -> None:
+    """What a config asks of its data that only the loaded data can answer, checked before training (the sweep would
+    find it only after the base model is trained): the classes a slice importance slices from."""
+    problems = []
+    for imp in cfg.importance:
+        bad = [c for c in imp.classes or [] if c >= ds.num_classes]
+        if bad:
+            problems.append(f"`importance` {imp.label} names classes {bad}, but {ds.name} has classes "
+                            f"0…{ds.num_classes - 1}: use those")
+    if problems:
+        raise GradauthError("; ".join(problems))

@@ -383,6 +383,12 @@ def test_cifar_batch_with_the_wrong_shape(tmp_path, capsys):
                   "data_batch_2 is not a CIFAR python batch")
 
 
+def test_slice_classes_the_data_lacks_are_refused_before_training(tmp_path, capsys):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(_quickstart_with(importance=["bn_gamma", {"name": "slice", "classes": [3, 12]}])))
+    _data_refused(capsys, tmp_path, p, "`importance` slice[3,12] names classes [12], but digits has classes 0…9")
+
+
 # ---- base training that diverges -----------------------------------------------------------------------------
 
 def test_diverging_base_training_writes_no_nan_model(tmp_path, capsys):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .checkpoint import load_model_file, rebuild, save_model
 from .config import Config, dump_config, load_config, parse_config
-from .data import Dataset, load_dataset
+from .data import Dataset, check_config_against, load_dataset
 from .engine import evaluate, pick_device
 from .errors import GradauthError
 from .fsutil import write_json, write_text
@@ -70,6 +70,7 @@ def train_stage(cfg: Config, out: Path, ds: Dataset | None = None, resume: bool 
             print(f"[train] {out / 'base.pt'} is up to date (same seed, data, model, train), skipped", file=sys.stderr)
             return info
     ds = ds or load_dataset(cfg.data, cfg.seed)  # bad input fails here, before anything is written
+    check_config_against(cfg, ds)
     device = pick_device()
     model, info = train_base(cfg, ds.to(device), device)
     info |= {"config_hash": cfg.hash(), "base_hash": cfg.base_hash(), "git_sha": git_sha()}

@@ -29,6 +29,7 @@ TRIALS_SCHEMA = pa.schema(list(TRIAL_COLUMNS.items()))  # the DESIGN.md contract
 PARTS = "trials.d"
 KEPT = "kept.parquet"        # in PARTS: the rows a `--resume` started with (from trials.parquet and earlier parts)
 PROGRESS = "progress.json"
+CHUNK = 100  # every CHUNK row parts become one chunk file: a reader opens at most N / CHUNK + CHUNK files
 STATES = ("pending", "running", "ok", "unlockable", "degenerate", "failed")
 FINISHED = {"ok": "ok", "unlockable": "unlockable", "degenerate": "degenerate", "error": "failed"}  # row status → state
 
@@ -43,7 +44,7 @@ def write_trials(rows: list[dict], path: Path) -> pd.DataFrame:
 
 
 def part_path(out: Path, trial_id: str) -> Path:
-    if not trial_id or "/" in trial_id or trial_id.startswith(".") or trial_id == KEPT[:-8]:
+    if not trial_id or "/" in trial_id or trial_id.startswith(".") or trial_id == KEPT[:-8] or trial_id.startswith("chunk-"):
         raise GradauthError(f"trial id {trial_id!r} cannot name a file: check importance labels in the config")
     return out / PARTS / f"{trial_id}.parquet"
 
@@ -55,7 +56,7 @@ def read_parts(out: Path) -> pd.DataFrame:
         return pd.DataFrame(columns=TRIALS_SCHEMA.names)
     names = sorted(e.name for e in os.scandir(folder) if e.name.endswith(".parquet") and not e.name.startswith(".")
                    and e.is_file(follow_symlinks=False))
-    names.sort(key=lambda n: n != KEPT)
+    names.sort(key=lambda n: (n != KEPT, not n.startswith("chunk-")))  # kept, chunks, parts: later rows win
     if not names:
         return pd.DataFrame(columns=TRIALS_SCHEMA.names)
     try:
@@ -96,11 +97,18 @@ class SweepLog:
         # A 10,000-trial progress file is ~0.5 MB: rewrite it less often as the sweep grows.
         self.min_interval_s = min_interval_s if min_interval_s is not None else max(2.0, len(self.state) / 2000)
         self._last, self._dirty = 0.0, True
+        self._loose: list[str] = []  # trials whose row is a part file of its own, not yet in a chunk
+        self._chunks = 0
         if fresh:
             shutil.rmtree(out / PARTS, ignore_errors=True)  # a fresh sweep's rows must not mix with an old one's
         (out / PARTS).mkdir(parents=True, exist_ok=True)
-        if kept:
+        old = [e.path for e in os.scandir(out / PARTS) if e.name != KEPT]
+        if kept:  # a --resume: the finished rows (read from trials.parquet and the old parts) start the folder
             write_trials(list(kept.values()), out / PARTS / KEPT)
+        else:
+            (out / PARTS / KEPT).unlink(missing_ok=True)
+        for p in old:  # only once the kept rows are on disk; what is dropped was not finished (error rows)
+            Path(p).unlink(missing_ok=True)
         self.flush(force=True)
 
     def started(self, trial_id: str) -> None:
@@ -121,8 +129,20 @@ class SweepLog:
                 tmp.write_bytes(model_bytes)
         write_trials([row], part_path(self.out, tid))
         self.rows[tid] = row
+        self._loose.append(tid)
+        if len(self._loose) >= CHUNK:
+            self._chunk()
         self._set(tid, FINISHED.get(row["status"], "failed"))
         return True
+
+    def _chunk(self) -> None:
+        """The loose parts → one chunk file (atomic), then the parts go (a crash in between leaves duplicates of
+        identical rows, which readers drop)."""
+        self._chunks += 1
+        write_trials([self.rows[t] for t in self._loose], self.out / PARTS / f"chunk-{self._chunks:06d}.parquet")
+        for t in self._loose:
+            part_path(self.out, t).unlink(missing_ok=True)
+        self._loose = []
 
     def _set(self, trial_id: str, state: str) -> None:
         if self.state.get(trial_id) != state:

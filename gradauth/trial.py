@@ -121,7 +121,8 @@ def degenerate_lock(model: nn.Module, masks: Masks, example: torch.Tensor) -> st
     try:
         with warnings.catch_warnings():  # the zero-channel conv it builds warns before it fails
             warnings.simplefilter("ignore", UserWarning)
-            compact(model, masks, example)
+            with torch.no_grad():
+                compact(model, masks, example).eval()(example)  # builds, then fails on the empty conv
     except (RuntimeError, ValueError) as e:
         return (f"the lock removes every channel of {', '.join(empty[:3])}{' …' if len(empty) > 3 else ''}, "
                 f"which cannot be compacted ({str(e).splitlines()[0][:80]})")

@@ -191,3 +191,40 @@ def test_status_at_thousands_of_trials_is_quick(tmp_path, tiny_cfg):
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
                        env=os.environ | {"PYTHONPATH": str(ROOT)}, timeout=120)
     assert r.stdout.strip() == "[]", r.stderr
+
+
+def test_select_treats_degenerate_rows_like_other_unfinished_rows(tmp_path):
+    from gradauth.rows import write_trials
+    from gradauth.select import select_dir
+    rows = [_row(f"ok{i}", fine=0.9 - 0.2 * i, seed=0, lock=0.1 * (i + 1)) for i in range(3)]
+    rows += [_row("deg", "degenerate", lock=0.9)]
+    write_trials(rows, tmp_path / "trials.parquet")
+    sel = select_dir(tmp_path, defaults={"levels": 2, "min_gap": 0.05, "max_locked_acc": 0.2, "experiment": "x"})
+    assert "deg" not in {t for lv in sel.levels for t in lv["trial_ids"]}
+    why = {r["trial_id"]: r for r in sel.rejected}["deg"]
+    assert why["kind"] == "status" and "degenerate" in why["why"]
+
+
+@pytest.mark.parametrize("how", ["group-writable", "symlink"])
+def test_resume_refuses_an_experiment_others_could_have_written(tmp_path, tiny_cfg, how):
+    import dataclasses
+
+    import ray
+
+    from gradauth.errors import GradauthError
+    from gradauth.sweep import _write_points, check_trusted_storage, run_sweep
+    from gradauth.trial import grid
+    storage = tmp_path / "shared"
+    cfg = dataclasses.replace(tiny_cfg, sweep=dataclasses.replace(tiny_cfg.sweep, storage=str(storage)))
+    exp = storage / "sweep"
+    exp.mkdir(parents=True)
+    (exp / "tuner.pkl").write_bytes(b"not read")
+    _write_points(str(storage), sorted(t.trial_id for t in grid(cfg)))
+    check_trusted_storage(str(exp))  # the owner's own 0755/0644 storage passes
+    if how == "group-writable":
+        os.chmod(exp / "tuner.pkl", 0o664)
+    else:
+        (exp / "experiment_state-x.json").symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(GradauthError, match=r"--resume would unpickle Tune's state from it"):
+        run_sweep(cfg, None, tmp_path / "out", resume=True)  # refused before Ray starts or anything is written
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()

@@ -25,7 +25,7 @@ from .config import Config
 from .engine import pick_device
 from .errors import GradauthError
 from .fsutil import atomic_path, write_json
-from .rows import PARTS, TRIALS_SCHEMA, SweepLog, read_parts, write_trials  # noqa: F401 (re-exported)
+from .rows import TRIALS_SCHEMA, SweepLog, read_parts, write_trials  # noqa: F401 (write_trials re-exported)
 from .trial import TrialContext, TrialSpec, base_row, grid, run_trial
 
 _DEVICE_DATA: dict = {}  # per worker process: the dataset already on this actor's device, reused across trials

@@ -16,7 +16,7 @@ from gradauth.config import load_config
 from gradauth.pipeline import train_stage, trial_context
 from gradauth.rows import PARTS, read_parts
 from gradauth.status import sweep_status
-from gradauth.trial import TrialSpec, degenerate_lock, grid, locked_model, run_trial
+from gradauth.trial import degenerate_lock, grid, locked_model, run_trial
 
 CFG = {
     "name": "ft", "data": {"name": "digits", "crop_pad": 1, "flip": False},
@@ -121,6 +121,7 @@ def test_killed_driver_keeps_its_rows_and_resume_reruns_none(setup, tmp_path):
     _, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert f"[sweep] --resume: {len(before)} of 12 grid points already finished" in err.decode()
+    assert "[sweep] resuming" in err.decode()  # Tune's experiment restored: unfinished trials keep their checkpoints
     df = pd.read_parquet(out / "trials.parquet")
     assert sorted(df["trial_id"]) == sorted(t.trial_id for t in specs)
     assert not (out / PARTS).exists()

@@ -218,3 +218,15 @@ def test_resume_refuses_an_experiment_others_could_have_written(tmp_path, tiny_c
     with pytest.raises(GradauthError, match=r"--resume would unpickle Tune's state from it"):
         run_sweep(cfg, None, tmp_path / "out", resume=True)  # refused before Ray starts or anything is written
     assert not ray.is_initialized() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["part", "progress"])
+def test_status_refuses_a_damaged_row_or_progress_file_in_one_line(tmp_path, tiny_cfg, capsys, damage):
+    _status_dir(tmp_path, tiny_cfg, 6)
+    if damage == "part":
+        (tmp_path / PARTS / "t00000.parquet").write_bytes(b"PAR1 not really")
+    else:
+        (tmp_path / PROGRESS).write_text(json.dumps({"total": 6, "trials": {"t00000": "exploded"}}))
+    assert main(["status", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and ("damaged row file" if damage == "part" else "not a gradauth progress") in err

@@ -795,7 +795,7 @@ class TargetedSearcher(_searcher_base()):
     `seconds` (curve)."""
 
     def __init__(self, planner: Planner | None = None, max_concurrent: int | None = None):
-        super().__init__(metric="fine_acc", mode="max")
+        super().__init__()  # no metric: the planner reads whole rows, and curve tasks report no fine_acc
         self.planner = planner
         self.max_concurrent = max_concurrent or (planner.cfg.max_concurrent if planner else 1)
         self.live: dict[str, str] = {}   # Tune trial id -> planner key

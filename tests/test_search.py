@@ -339,3 +339,57 @@ def test_thief_trials_start_from_the_public_model_or_from_scratch(quick_ctx):
     scr = run_thief(quick_ctx, TrialSpec(SCRATCH, "none", 0.0, 1, 0.01, 0.1, "all", 0), torch.device("cpu"))
     assert scr["prun_acc"] < 0.2 and 0 <= scr["fine_acc"] <= 1 and 0 <= pub["fine_acc"] <= 1
     assert pub["fine_acc"] != scr["fine_acc"]
+
+
+def test_ray_tune_drives_the_searcher_to_every_target(tmp_path):
+    """Real Ray Tune, a trivial trainable (the oracle): the searcher proposes every trial, stays within its
+    concurrency, finishes, and Tune saves its state as JSON in the experiment folder."""
+    import ray
+    from ray import tune
+
+    class Counting(TargetedSearcher):
+        most = 0
+
+        def suggest(self, trial_id):
+            cfg = super().suggest(trial_id)
+            Counting.most = max(Counting.most, len(self.live))
+            return cfg
+
+    def trainable(config):
+        o = Oracle(**QUICK)
+        if config["phase"] == "curve":
+            points, secs = o.curve(config["curve"]["values"])
+            tune.report({"curve": points, "seconds": secs})
+        elif config["phase"] == "thief":
+            tune.report(o.thief_row(config["trial"]) | {"row_complete": True})
+        else:
+            tune.report(o.row(config["trial"], 0.2) | {"row_complete": True})
+
+    o = Oracle(**QUICK)
+    cfg = targeted(o.base, levels=2, seeds=1, thief={"fractions": [0.05], "epochs": 20}, max_concurrent=2)
+    searcher = Counting(Planner(cfg, o.base, 0.2, 0.05))
+    name = lambda trial: trial_name(trial.config)
+    # the workers import this module (the oracle) from the tests folder
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": f"{ROOT / 'tests'}:{ROOT}"}})
+    try:
+        tuner = tune.Tuner(
+            tune.with_resources(trainable, {"cpu": 0.5}),
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, trial_name_creator=name,
+                                        trial_dirname_creator=name, reuse_actors=True),
+            run_config=tune.RunConfig(name="search", storage_path=str(tmp_path), verbose=0))
+        results = tuner.fit()
+    finally:
+        ray.shutdown()
+    s = searcher.planner.summary()
+    assert s["all_hit"], s
+    assert all(abs(lv["fine_acc"] - t) <= cfg.tolerance for lv, t in zip(s["levels"], searcher.planner.targets))
+    assert len(results) == s["trials"] and not results.errors
+    phases = [r.config["phase"] for r in results]
+    assert phases.count("curve") == 2 and phases.count("thief") == 2 and "level" in phases
+    assert all(set(r.config) >= {"trial", "phase"} for r in results if r.config["phase"] != "curve")
+    assert 1 <= Counting.most <= 2     # 4 CPU slots for 0.5-CPU trials, yet never more than 2 in flight
+    saved = list((tmp_path / "search").glob("searcher-state-*"))
+    assert saved
+    state = json.loads(saved[0].read_text())   # JSON despite Ray's file name
+    assert Planner.from_state(state["planner"]).summary()["all_hit"]

@@ -728,8 +728,10 @@ class Planner:
 
     # ---------------------------------------------------------------------------------------------- outcome
     def summary(self) -> dict:
-        """Per target: hit or missed (and why), with the candidate; the spend; the thief figures."""
+        """Per target: hit, searching (in progress, for `gradauth status`) or missed (and why), with the candidate;
+        whether the hit levels keep the selector's spacing rules; the spend; the thief figures."""
         stats = self._level_stats()
+        done = self.finished()
         rows = []
         for k, T in enumerate(self.targets):
             d = self.decide(k, stats)
@@ -744,6 +746,10 @@ class Planner:
                            key=lambda s: abs(self._mean(s) - T), default=None)
                 near = (f"; nearest so far {self._mean(best):.3f} (lock {best['v']:g}, schedule {best['sched']})"
                         if best else "")
+                if not done:
+                    r |= {"status": "searching", "why": f"in progress{near}"}
+                    rows.append(r)
+                    continue
                 r |= {"status": "missed", "why": f"trial budget spent before this target was settled "
                                                  f"({self.trials} trials, {self.seconds:.0f} s){near}"}
             rows.append(r)
@@ -755,17 +761,25 @@ class Planner:
             kind = SCRATCH if s["importance"] == SCRATCH else f"public {s['lock_value']:g}"
             f = thief.setdefault(str(s["data_fraction"]), {})
             f[kind] = max(f.get(kind, 0.0), float(o["row"]["fine_acc"]))
-        best_thief = max((a for f in thief.values() for a in f.values()), default=None)
+        best_thief = max((a for f in thief.values() for k, a in f.items() if k != "head_start"), default=None)
         for r in rows:
             if r["status"] == "hit" and best_thief is not None:
                 r["margin_over_thief"] = r["fine_acc"] - best_thief
                 r["sellable"] = r["margin_over_thief"] >= self.min_gap - _EPS
+        for f in thief.values():
+            pub = [a for k, a in f.items() if k != SCRATCH]
+            if pub and SCRATCH in f:
+                f["head_start"] = max(pub) - f[SCRATCH]   # what the public model gives a thief over scratch
+        hits = [r for r in rows if r["status"] == "hit"]
+        spaced = all(a["fine_acc"] - b["fine_acc"] >= self.min_gap - _EPS
+                     and a["fine_acc"] - b["fine_acc"] > 2 * max(a["fine_acc_std"], b["fine_acc_std"])
+                     for a, b in zip(hits, hits[1:]))
         by_phase = {ph: 0.0 for ph in PHASES}
         by_phase["curve"] = self.seconds - sum(float(o["row"].get("seconds") or 0.0) for o in self.obs.values())
         for o in self.obs.values():
             by_phase[o["phase"]] += float(o["row"].get("seconds") or 0.0)
         return {"targets": self.targets, "levels": rows, "trials": self.trials, "trial_seconds": self.seconds,
-                "seconds_by_phase": by_phase,
+                "seconds_by_phase": by_phase, "finished": done, "spaced": spaced,
                 "thief": thief, "all_hit": all(r["status"] == "hit" for r in rows)}
 
     def level_rows(self) -> list[dict]:

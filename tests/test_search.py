@@ -148,7 +148,7 @@ def test_planner_reaches_every_target_for_a_fraction_of_the_grid(name, below_bas
     p = Planner(cfg, o.base, bound, 0.05)
     log = run_search(p, o)
     s = p.summary()
-    assert s["all_hit"], s
+    assert s["all_hit"] and s["finished"] and s["spaced"], s
     for lv, target in zip(s["levels"], p.targets):
         assert abs(lv["fine_acc"] - target) <= cfg.tolerance
         assert lv["seeds"] == 2
@@ -165,6 +165,10 @@ def test_planner_reaches_every_target_for_a_fraction_of_the_grid(name, below_bas
     assert {c["thief"] for c in thief} == {"scratch", "public"}
     assert {c["trial"]["data_fraction"] for c in thief} == {0.01, 0.05, 0.1}
     assert set(s["thief"]) == {"0.01", "0.05", "0.1"}
+    for f in s["thief"].values():   # the oracle's public model gives a head start over scratch
+        assert f["head_start"] == pytest.approx(max(a for k, a in f.items() if k.startswith("public")) - f["scratch"])
+        assert f["head_start"] > 0
+    assert all(lv["sellable"] == (lv["margin_over_thief"] >= 0.05) for lv in s["levels"])
     # extra seeds only on candidates that hit
     seeded = {(c["trial"]["lock_value"], c["trial"]["epochs"], c["trial"]["lr"]) for c in log
               if c["phase"] == "level" and c["trial"]["seed"] > 0}
@@ -231,6 +235,9 @@ def test_save_restore_continue_gives_the_same_proposals(tmp_path):
     assert restored.live == searcher.live and restored.max_concurrent == 3
     assert json.dumps(b.state(), sort_keys=True) == json.dumps(a.state(), sort_keys=True)
     # both finish the same in-flight trials and continue: identical proposals, identical outcome
+    mid = a.summary()
+    assert not mid["finished"] and {lv["status"] for lv in mid["levels"]} <= {"searching", "hit"}
+    assert any(lv["status"] == "searching" and "in progress" in lv["why"] for lv in mid["levels"])
     la, lb = run_search_from(a, o, inflight), run_search_from(b, o, inflight)
     assert la == lb and len(la) > 5
     assert a.summary() == b.summary()

@@ -242,6 +242,37 @@ def run_thief(ctx, spec: TrialSpec, device=None, ds=None) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
+def search_trial(ctx, config: dict, device=None, ds=None):
+    """Run one searcher config as a plain function: what the sweep's trainable calls when a config has `phase`.
+    Returns (result to report, fine-tuned model or None, masks or None):
+    curve → ({"curve": [points], "seconds"}, None, None); level → trial.run_trial's (row, model, masks) with
+    `phase`; thief → (row with trial_id `thief-…`, None, None)."""
+    import torch
+    from .trial import base_row, run_trial
+    device = device or torch.device("cpu")
+    phase = config.get("phase")
+    if phase == "curve":
+        c = config["curve"]
+        t0 = time.perf_counter()
+        pts = lock_curve(ctx, c["importance"], c["lock_mode"], c["values"], device)
+        return {"curve": pts, "seconds": time.perf_counter() - t0}, None, None
+    if phase not in ("level", "thief"):
+        raise GradauthError(f"searcher config has phase {phase!r}: expected curve, level or thief")
+    spec = TrialSpec(**config["trial"])
+    if phase == "level":
+        row, model, masks = run_trial(ctx, spec, device, ds=ds)
+        return row | {"phase": "level"}, model, masks
+    out = run_thief(ctx, spec, device, ds)
+    locked = {"locked_channels": 0, "total_channels": None}
+    if spec.importance != SCRATCH:
+        from .prune import count_removed, lock_masks
+        n, total = count_removed(lock_masks(ctx.scores[spec.importance], spec.lock_mode, spec.lock_value))
+        locked = {"locked_channels": n, "total_channels": total}
+    row = base_row(ctx, spec) | locked | out | {"trial_id": _key("thief", spec), "phase": "thief",
+                                                "params": None, "flops": None}
+    return row, None, None
+
+
 def valid_epoch_points(epochs: int, epoch_accs: list[float], steps_per_epoch: int, lr: float,
                        schedule: str = "cosine") -> list[tuple[int, float]]:
     """(k, acc) for each epoch k of an `epochs`-epoch run whose accuracy equals what a k-epoch schedule gives: the
@@ -299,14 +330,34 @@ class Planner:
 
     @classmethod
     def from_state(cls, s: dict) -> "Planner":
+        """A planner from `state()`'s JSON; a damaged or foreign state is refused with one line (it may come from
+        another machine's storage bucket)."""
         if not isinstance(s, dict) or s.get("version") != 1:
             raise GradauthError("search state is not a version-1 planner state: start the search afresh "
                                 "(without --resume)")
+        try:
+            return cls._from_state(s)
+        except GradauthError as e:
+            raise GradauthError(f"search state holds a config that is refused now ({e}): start the search afresh "
+                                f"(without --resume)") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise GradauthError(f"search state is damaged ({type(e).__name__}: {e}): start the search afresh "
+                                f"(without --resume)") from None
+
+    @classmethod
+    def _from_state(cls, s: dict) -> "Planner":
         p = cls(SearchConfig.from_dict(s["cfg"]), s["base_acc"], s["lock_bound"], s["min_gap"], s["importance"],
                 s["lock_mode"])
         p.curve = {float(c["lock_value"]): c for c in s["curve"]}
         p.total_channels, p.obs, p.pending, p.failed = s["total_channels"], s["obs"], s["pending"], s["failed"]
-        p.curve_tasks, p.seconds, p.trials = s["curve_tasks"], float(s["seconds"]), s["trials"]
+        p.curve_tasks, p.seconds, p.trials = int(s["curve_tasks"]), float(s["seconds"]), int(s["trials"])
+        for name in ("obs", "pending", "failed"):
+            d = getattr(p, name)
+            if not isinstance(d, dict) or not all(isinstance(v, dict) and v.get("phase") in PHASES for v in d.values()):
+                raise ValueError(f"`{name}` is not a mapping of trials")
+            for v in d.values():
+                if v["phase"] != "curve":
+                    TrialSpec(**v["spec"])   # every spec must be one
         return p
 
     # ---------------------------------------------------------------------------------------------- observations
@@ -849,8 +900,14 @@ class TargetedSearcher(_searcher_base()):
         return {"planner": self.planner.state(), "live": self.live, "max_concurrent": self.max_concurrent}
 
     def set_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or not {"planner", "live", "max_concurrent"} <= set(state):
+            raise GradauthError("search state lacks planner, live or max_concurrent: start the search afresh "
+                                "(without --resume)")
         self.planner = Planner.from_state(state["planner"])
-        self.live = dict(state["live"])
+        live = state["live"]
+        if not isinstance(live, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in live.items()):
+            raise GradauthError("search state's live trials are damaged: start the search afresh (without --resume)")
+        self.live = dict(live)
         self.max_concurrent = int(state["max_concurrent"])
 
     def save(self, checkpoint_path: str) -> None:
@@ -865,5 +922,5 @@ class TargetedSearcher(_searcher_base()):
         self.set_state(state)
 
 
-__all__ = ["SearchConfig", "ThiefBudget", "Planner", "TargetedSearcher", "lock_curve", "run_thief",
+__all__ = ["SearchConfig", "ThiefBudget", "Planner", "TargetedSearcher", "lock_curve", "run_thief", "search_trial",
            "valid_epoch_points", "trial_name", "PHASES", "SCRATCH"]

@@ -269,6 +269,17 @@ def test_restore_refuses_a_damaged_state(tmp_path):
     (tmp_path / "s.json").write_text(json.dumps({"planner": {"version": 99}, "live": {}, "max_concurrent": 1}))
     with pytest.raises(GradauthError, match="version-1"):
         TargetedSearcher().restore(str(tmp_path / "s.json"))
+    o = Oracle(**QUICK)
+    good = Planner(targeted(o.base), o.base, 0.2, 0.05)
+    good.propose(1)
+    for damage in (lambda st: st.pop("obs"), lambda st: st.update(pending={"x": {"phase": "level", "spec": {"a": 1}}}),
+                   lambda st: st["cfg"].update(tolerance=-1), lambda st: st.update(curve=[{"lock_value": "x"}])):
+        st = json.loads(json.dumps(good.state()))
+        damage(st)
+        (tmp_path / "s.json").write_text(json.dumps({"planner": st, "live": {}, "max_concurrent": 1}))
+        with pytest.raises(GradauthError, match="start the search afresh") as e:
+            TargetedSearcher().restore(str(tmp_path / "s.json"))
+        assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("change, words", [
@@ -336,6 +347,24 @@ def test_lock_curve_evaluates_many_locks_in_one_call_as_the_trials_do(quick_ctx)
     assert np.abs(np.array([o.prun(v) for v in vals]) - real).mean() < 0.08
     first = lambda accs: next(i for i, a in enumerate(accs) if a <= 0.2)
     assert abs(first([o.prun(v) for v in vals]) - first(real)) <= 1    # the lockable edge within 2 channels
+
+
+def test_search_trial_runs_each_phase_as_a_plain_function(quick_ctx):
+    import torch
+    from gradauth.search import search_trial
+    from gradauth.select import TRIAL_COLUMNS
+    res, model, masks = search_trial(quick_ctx, {"phase": "curve", "key": "curve-1", "curve": {
+        "importance": "bn_gamma", "lock_mode": "rate", "values": [0.1, 0.2]}}, torch.device("cpu"))
+    assert model is None and [p["locked_channels"] for p in res["curve"]] == [32, 64] and res["seconds"] > 0
+    spec = TrialSpec("bn_gamma", "rate", 0.1, 1, 0.01, 1.0, "all", 0)
+    row, model, masks = search_trial(quick_ctx, {"trial": asdict(spec), "phase": "level"}, torch.device("cpu"))
+    assert row["phase"] == "level" and row["trial_id"] == spec.trial_id and row["status"] == "ok" and model is not None
+    thief = TrialSpec("bn_gamma", "rate", 0.2, 1, 0.01, 0.05, "all", 0)
+    row, model, _ = search_trial(quick_ctx, {"trial": asdict(thief), "phase": "thief", "thief": "public"})
+    assert row["trial_id"] == "thief-" + thief.trial_id and row["locked_channels"] == 64 and model is None
+    assert set(TRIAL_COLUMNS) <= set(row)   # a full trials.parquet row (plus phase)
+    with pytest.raises(GradauthError, match="phase"):
+        search_trial(quick_ctx, {"trial": asdict(spec), "phase": "grid?"})
 
 
 def test_thief_trials_start_from_the_public_model_or_from_scratch(quick_ctx):

@@ -141,6 +141,8 @@ class SearchConfig:
             no(f"`search.lock_range` must be [lowest, highest] lock value, got {self.lock_range!r}")
         if lock_mode == "rate" and not (0 < lo and hi < 1):
             no(f"`search.lock_range` {self.lock_range} must lie in (0, 1) for rate locks (fractions of all channels)")
+        if self.lock_step is not None and not (isinstance(self.lock_step, (int, float)) and 0 < self.lock_step < hi - lo):
+            no(f"`search.lock_step` {self.lock_step!r} must be > 0 and smaller than the lock range")
         if not isinstance(self.lock_points, int) or self.lock_points < 2:
             no(f"`search.lock_points` must be a whole number ≥ 2, got {self.lock_points!r}")
         e = self.epochs
@@ -311,6 +313,10 @@ class Planner:
         self.targets = cfg.validate(base_acc, lock_bound, min_gap, lock_mode)
         if cfg.mode != "targeted":
             raise GradauthError("search: the planner runs only with `search.mode: targeted`")
+        if lock_mode != "rate":
+            # a threshold grows weaker as it grows (fewer channels above it): the lines here assume the opposite
+            raise GradauthError(f"search: the targeted search takes rate locks only, got lock.mode {lock_mode!r}: "
+                                f"use lock.mode: rate, or search.mode: grid for threshold locks")
         self.curve: dict[float, dict] = {}     # lock value -> curve point
         self.total_channels: int | None = None
         self.obs: dict[str, dict] = {}         # key -> {phase, spec, row}  (finished trials)
@@ -599,6 +605,8 @@ class Planner:
                 continue
             vals[x] = sign * (m - T)   # g(x): increasing in x, 0 at the target
         if waiting:
+            if kind == "lock" and lo in pts and lo not in vals and hi not in pts:
+                return probe(hi)       # the line's two ends are independent: keep a second worker busy
             return {"do": "wait"}
         if lo not in vals:
             if lo in pts:              # the start point failed or does not lock: nothing to bracket from

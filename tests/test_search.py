@@ -293,6 +293,8 @@ def test_restore_refuses_a_damaged_state(tmp_path):
     (dict(lock_range=[0.3, 0.1]), "lock_range"),
     (dict(scope=["everything"]), "scope"),
     (dict(thief={"fractions": [0]}), "thief.fractions"),
+    (dict(thief={"public_locks": "some"}), "public_locks"),
+    (dict(lock_step=0), "lock_step"),
 ])
 def test_infeasible_intents_are_refused_up_front_in_one_line(change, words):
     cfg = targeted(0.99, **change)
@@ -300,6 +302,11 @@ def test_infeasible_intents_are_refused_up_front_in_one_line(change, words):
         cfg.validate(0.99, 0.2, 0.05)
     msg = str(e.value)
     assert words in msg and "\n" not in msg and msg.startswith("search: ")
+
+
+def test_threshold_locks_are_refused_by_the_targeted_search():
+    with pytest.raises(GradauthError, match="rate locks only"):
+        Planner(targeted(0.99), 0.99, 0.2, 0.05, lock_mode="threshold")
 
 
 def test_config_refuses_unknown_keys_and_resolves_relative_targets():

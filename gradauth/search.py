@@ -26,6 +26,21 @@ so after epoch k of an E-epoch run the model is NOT what a k-epoch schedule woul
 by step k). `valid_epoch_points` checks this with the real lr function: a prefix is only used when its learning rates
 equal the shorter schedule's step for step; with today's cosine (and step) schedules that is the final epoch only,
 so reported epoch accuracies are accepted but add no observations.
+
+Wiring (not done here; config.py, sweep.py and select.py belong to other work):
+- config: a `search:` section parsed by `SearchConfig.from_dict` (unknown keys refused); `search.mode: grid` (default)
+  keeps today's sweep. With `targeted`, call `cfg.validate(base_acc, lock_bound, select.min_gap, lock.mode)` once the
+  base accuracy is known (before Ray starts) so an infeasible intent exits 2 with one line.
+- sweep: `Planner(search_cfg, ctx.base_acc, ctx.lock_bound, select.min_gap, importance_label, lock.mode)` →
+  `TargetedSearcher(planner)` as `TuneConfig(search_alg=..., num_samples=-1)` instead of the grid's param_space;
+  `trial_name(config)` for trial_name_creator / trial_dirname_creator; the trainable calls
+  `search_trial(ctx, config, device, ds)` when the config has `phase` and reports the curve result as is, or the
+  row with `row_complete: True` (a level trial also its model, as today). Rows of level and thief trials go to
+  trials.parquet with a new `phase` column (grid trials: `grid`); curve points are not trials (no schedule): keep
+  them in the searcher state (or a lock_curve.json). `Tuner.restore` restores the searcher (Tune calls `restore`).
+- select: candidates are the rows with phase level (or grid); thief rows (trial_id `thief-…`, importance `scratch`
+  or the lock's) give the best thief accuracy a level must beat by min_gap. `Planner.summary()` has the same
+  figures for `gradauth status`.
 """
 from __future__ import annotations
 
@@ -893,7 +908,9 @@ class TargetedSearcher(_searcher_base()):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         key = self.live.pop(trial_id, None)
-        if key is None:
+        if key is None and result and isinstance(result.get("config"), dict) and "phase" in result["config"]:
+            key = trial_name(result["config"])   # a trial this searcher's state did not know under that id
+        if key is None or key not in self.planner.pending:
             return
         if error or not result:
             self.planner.fail(key, "error")

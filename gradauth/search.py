@@ -540,37 +540,36 @@ class Planner:
                     "seeds": len(c["accs"])}
         v_lo, v_hi = rng
         s0 = self._s0()
-        # 2. the lock line at S0.
-        r = self._line(stats, T, "lock", s0, v_lo, v_hi)
-        if r["do"] in ("probe", "wait"):
-            return r
-        if r["do"] == "broken":
-            return {"do": "miss", "why": r["why"]}
-        if r["do"] == "short_at_lo":   # even the weakest lockable lock is below the target: more epochs there
-            return self._epoch_outcome(self._line(stats, T, "epochs", s0, v_lo, None), T, v_lo)
-        if r["do"] == "gap":           # no lock value between two neighbours: more epochs at the stronger one
-            e = self._line(stats, T, "epochs", s0, r["b"], None)
-            if e["do"] in ("probe", "wait"):
-                return e
-            return {"do": "miss", "why": f"fine_acc jumps over the target between lock {r['a']:g} "
-                                         f"({r['acc_a']:.3f}) and {r['b']:g} ({r['acc_b']:.3f}) at {s0[0]} "
-                                         f"epochs, and more epochs at {r['b']:g} did not land within {tol:g} "
-                                         f"({e.get('why', e['do'])})"}
-        # over_at_hi: even the strongest lockable lock is above the target at S0: weaker schedules.
-        last = r
-        for sched in self._weaker():
+        # 2. lock lines, S0 first, then weaker schedules; where a lock line cannot land on T (the weakest lock is
+        # short of it, or fine_acc jumps over it between two neighbouring locks), the epoch line at that lock.
+        reasons: list[str] = []
+        for i, sched in enumerate([s0, *self._weaker()]):
             r = self._line(stats, T, "lock", sched, v_lo, v_hi)
             if r["do"] in ("probe", "wait"):
                 return r
-            if r["do"] == "short_at_lo":   # this schedule is below the target everywhere: try the next
+            label = f"{sched[0]} ep lr {sched[1]:g} data {sched[2]:g} {sched[3]}"
+            if r["do"] == "broken":
+                reasons.append(f"{label}: {r['why']}")
                 continue
-            if r["do"] != "over_at_hi":
-                return {"do": "miss", "why": f"on schedule {sched} the target falls between measured locks: "
-                                             f"{r.get('why', r['do'])}"}
-            last = r
-        return {"do": "miss", "why": f"even the strongest lockable lock {v_hi:g} with the weakest schedule gives "
-                                     f"{last['acc']:.3f} > target + tolerance: sweep larger lock values "
-                                     f"(search.lock_range), smaller lr or less data, or raise the target"}
+            if r["do"] == "over_at_hi":
+                reasons.append(f"{label}: even lock {v_hi:g} gives {r['acc']:.3f}")
+                continue
+            at = v_lo if r["do"] == "short_at_lo" else r["b"]
+            e = self._line(stats, T, "epochs", sched, at, None)
+            if e["do"] in ("probe", "wait"):
+                return e
+            if r["do"] == "short_at_lo" and e["do"] == "short_at_hi":
+                miss = self._epoch_outcome(e, T, v_lo)
+                if i == 0:   # the strongest schedule falls short: weaker ones cannot reach higher
+                    return miss
+                reasons.append(f"{label}: {miss['why']}")
+                continue
+            between = (f"fine_acc jumps from {r['acc_a']:.3f} to {r['acc_b']:.3f} between locks {r['a']:g} and "
+                       f"{r['b']:g}" if r["do"] == "gap" else f"lock {v_lo:g} gives {r['acc']:.3f}")
+            reasons.append(f"{label}: {between}, and epochs at lock {at:g}: {e.get('why', e['do'])}")
+        return {"do": "miss", "why": "no lock × schedule in the search ranges lands within "
+                                     f"{tol:g} of {T:.3f}: " + "; ".join(reasons) + ": widen search.lr, "
+                                     "search.data_fraction or search.epochs, or move the target"}
 
     def _epoch_outcome(self, e: dict, T: float, v: float) -> dict:
         if e["do"] in ("probe", "wait"):

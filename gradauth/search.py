@@ -540,35 +540,50 @@ class Planner:
                     "seeds": len(c["accs"])}
         v_lo, v_hi = rng
         s0 = self._s0()
-        # 2. lock lines, S0 first, then weaker schedules; where a lock line cannot land on T (the weakest lock is
-        # short of it, or fine_acc jumps over it between two neighbouring locks), the epoch line at that lock.
+        # 2. a staircase of 1-D lines. Lock lines at the fewest epochs (S0 first, then weaker schedules); where a
+        # lock line cannot land on T (its weakest lock is short of T, or fine_acc jumps over T between two
+        # neighbouring locks) the epoch line at that lock; where the epoch line jumps over T between e and e + 1
+        # epochs, the lock line at e + 1 epochs from that lock on (a stronger lock brings it down onto T).
         reasons: list[str] = []
-        for i, sched in enumerate([s0, *self._weaker()]):
-            r = self._line(stats, T, "lock", sched, v_lo, v_hi)
-            if r["do"] in ("probe", "wait"):
-                return r
+        queue = [("lock", tuple(sc), v_lo) for sc in [s0, *self._weaker()]]
+        seen = set()
+        while queue:
+            kind, sched, x0 = queue.pop(0)
+            if (kind, sched, x0) in seen:
+                continue
+            seen.add((kind, sched, x0))
             label = f"{sched[0]} ep lr {sched[1]:g} data {sched[2]:g} {sched[3]}"
-            if r["do"] == "broken":
-                reasons.append(f"{label}: {r['why']}")
-                continue
-            if r["do"] == "over_at_hi":
-                reasons.append(f"{label}: even lock {v_hi:g} gives {r['acc']:.3f}")
-                continue
-            at = v_lo if r["do"] == "short_at_lo" else r["b"]
-            e = self._line(stats, T, "epochs", sched, at, None)
-            if e["do"] in ("probe", "wait"):
-                return e
-            if r["do"] == "short_at_lo" and e["do"] == "short_at_hi":
-                miss = self._epoch_outcome(e, T, v_lo)
-                if i == 0:   # the strongest schedule falls short: weaker ones cannot reach higher
-                    return miss
-                reasons.append(f"{label}: {miss['why']}")
-                continue
-            between = (f"fine_acc jumps from {r['acc_a']:.3f} to {r['acc_b']:.3f} between locks {r['a']:g} and "
-                       f"{r['b']:g}" if r["do"] == "gap" else f"lock {v_lo:g} gives {r['acc']:.3f}")
-            reasons.append(f"{label}: {between}, and epochs at lock {at:g}: {e.get('why', e['do'])}")
+            if kind == "lock":
+                r = self._line(stats, T, "lock", sched, x0, v_hi)
+                if r["do"] in ("probe", "wait"):
+                    return r
+                if r["do"] == "broken":
+                    reasons.append(f"{label}: {r['why']}")
+                elif r["do"] == "over_at_hi":
+                    reasons.append(f"{label}: even lock {v_hi:g} gives {r['acc']:.3f}")
+                elif r["do"] == "short_at_lo":
+                    queue.insert(0, ("epochs", sched, x0))
+                    reasons.append(f"{label}: lock {x0:g} gives {r['acc']:.3f}")
+                else:  # gap
+                    queue.insert(0, ("epochs", sched, r["b"]))
+                    reasons.append(f"{label}: fine_acc jumps from {r['acc_a']:.3f} to {r['acc_b']:.3f} between "
+                                   f"locks {r['a']:g} and {r['b']:g}")
+            else:
+                e = self._line(stats, T, "epochs", sched, x0, None)
+                if e["do"] in ("probe", "wait"):
+                    return e
+                if e["do"] == "short_at_hi":
+                    miss = self._epoch_outcome(e, T, x0)
+                    if sched == tuple(s0) and x0 == v_lo:
+                        return miss  # the strongest schedule at the weakest lock falls short: nothing reaches higher
+                    reasons.append(f"epochs at lock {x0:g}: {miss['why']}")
+                elif e["do"] == "gap":
+                    queue.insert(0, ("lock", (int(e["b"]), *sched[1:]), x0))
+                    reasons.append(f"epochs at lock {x0:g}: {e['why']}")
+                else:
+                    reasons.append(f"epochs at lock {x0:g}: {e.get('why', e['do'])}")
         return {"do": "miss", "why": "no lock × schedule in the search ranges lands within "
-                                     f"{tol:g} of {T:.3f}: " + "; ".join(reasons) + ": widen search.lr, "
+                                     f"{tol:g} of {T:.3f}: " + "; ".join(reasons[-6:]) + ": widen search.lr, "
                                      "search.data_fraction or search.epochs, or move the target"}
 
     def _epoch_outcome(self, e: dict, T: float, v: float) -> dict:

@@ -105,6 +105,8 @@ class SearchConfig:
 
     @classmethod
     def from_dict(cls, raw: dict | None) -> "SearchConfig":
+        if raw is not None and not isinstance(raw, dict):
+            raise GradauthError(f"`search` must be a mapping, got {type(raw).__name__}: e.g. {{mode: targeted, levels: 3}}")
         raw = dict(raw or {})
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - names)

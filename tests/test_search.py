@@ -312,6 +312,8 @@ def test_threshold_locks_are_refused_by_the_targeted_search():
 def test_config_refuses_unknown_keys_and_resolves_relative_targets():
     with pytest.raises(GradauthError, match="unknown key `search.levles`"):
         SearchConfig.from_dict({"levles": 3})
+    with pytest.raises(GradauthError, match="must be a mapping"):
+        SearchConfig.from_dict(["targeted"])
     with pytest.raises(GradauthError, match="unknown key `search.thief.budget`"):
         SearchConfig.from_dict({"thief": {"budget": 1}})
     cfg = SearchConfig.from_dict({"mode": "targeted", "levels": 3, "below_base": 0.01, "step": 0.08})

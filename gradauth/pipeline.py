@@ -71,12 +71,13 @@ def model_bytes(cfg: Config, num_classes: int, in_channels: int) -> int:
 
 
 def space_needed(cfg: Config, num_classes: int, in_channels: int, stages: tuple[str, ...]) -> int:
-    """An upper estimate of what `stages` write into the output dir, with a margin (×1.5 + 16 MiB).
+    """An upper estimate of what `stages` write into the output dir, with a margin (×1.25 + 16 MiB).
 
     train: base.pt and base.ckpt (model + SGD momentum), two copies of it while one replaces the other.
     sweep: one model per trial under models/, and, with Ray's storage under the output dir, each trial's last
     checkpoint plus a new one being written (model, momentum and the final model) for the trials running at once.
-    release: the public model and one pack per level (at most one per trial)."""
+    release: the public model, one pack per level and a spare.
+    Locked models are compacted (smaller than the base), so the sweep's part is an upper bound."""
     from .trial import grid
     m = model_bytes(cfg, num_classes, in_channels)
     n = len(grid(cfg)) if {"sweep", "release"} & set(stages) else 0
@@ -88,8 +89,9 @@ def space_needed(cfg: Config, num_classes: int, in_channels: int, stages: tuple[
         if not cfg.sweep.storage:
             need += n * m + (cfg.sweep.max_concurrent or os.cpu_count() or 1) * 4 * m
     if "release" in stages:
-        need += (n + 2) * m
-    return int(need * 1.5) + 16 * 2**20
+        levels = len(cfg.select.targets) if cfg.select.targets else cfg.select.levels
+        need += (min(n, levels) + 2) * m
+    return int(need * 1.25) + 16 * 2**20
 
 
 def train_stage(cfg: Config, out: Path, ds: Dataset | None = None, resume: bool = False) -> dict:

@@ -3,7 +3,8 @@
 `run_lock(DIR, command)` holds an exclusive `fcntl.flock` on `DIR/.gradauth.lock` while a command writes into DIR.
 The kernel drops the lock when the holder dies (even by SIGKILL), so a killed run never blocks the next one; the
 file's contents (pid, command, start time) only serve to name the holder to a second run, which is refused with one
-line. The lock is re-entrant within a process (`gradauth run` takes it once, its stages again).
+line. The holder removes the file when it is done (a results folder stays as clean as before); a killed holder
+leaves it behind, harmless, and the next run takes it over. The lock is re-entrant within a process (`gradauth run` takes it once, its stages again).
 
 `check_output_space(DIR, need)` runs before a stage starts: DIR must accept a new file and its filesystem must have
 `need` bytes free, so a read-only or full disk is found before hours of training rather than after.
@@ -62,17 +63,8 @@ def run_lock(out: str | os.PathLike, command: str) -> Iterator[Path]:
         finally:
             _held[key][1] -= 1
         return
+    fd = _open_locked(out, path)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise GradauthError(os_error_line(e, "use the output folder"))
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise GradauthError(f"{out} is in use by {_describe_holder(fd)}: wait for it to finish (or stop it), "
-                                f"or pass another --out")
         since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         argv = " ".join(sys.argv[1:])[:120] or command
         os.ftruncate(fd, 0)
@@ -83,9 +75,39 @@ def run_lock(out: str | os.PathLike, command: str) -> Iterator[Path]:
         finally:
             del _held[key]
             with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)  # the file stays (removing it would race with a waiting run)
+                os.unlink(path)  # while still locked: a run that opened it meanwhile sees it was replaced
     finally:
         os.close(fd)  # releases the flock
+
+
+def _open_locked(out: Path, path: Path) -> int:
+    """An fd of DIR/.gradauth.lock holding its exclusive flock, or a GradauthError naming the holder.
+
+    The holder removes the file when it is done; a run that opened the file just before that and got the lock
+    right after holds a lock on a removed file, so the lock counts only if the path still names the locked file."""
+    while True:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise GradauthError(os_error_line(e, "use the output folder"))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _describe_holder(fd)
+            os.close(fd)
+            raise GradauthError(f"{out} is in use by {holder}: wait for it to finish (or stop it), "
+                                f"or pass another --out")
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
 
 
 def check_output_space(out: str | os.PathLike, need_bytes: int, what: str = "this stage") -> None:

@@ -49,7 +49,7 @@ def cmd_select(a):
 def cmd_release(a):
     from .release import release_dir
     from .runlock import run_lock
-    with run_lock(Path(a.dir), "release"):
+    with run_lock(Path(a.dir), "release", create=False):
         release_dir(Path(a.dir))
 
 
@@ -74,14 +74,14 @@ def cmd_slice(a):
 def cmd_report(a):
     from .report import write_report
     from .runlock import run_lock
-    with run_lock(Path(a.dir), "report"):
+    with run_lock(Path(a.dir), "report", create=False):
         print(write_report(Path(a.dir)))
 
 
 def cmd_attack(a):
     from .attack import run_attack
     from .runlock import run_lock
-    with run_lock(Path(a.dir), "attack"):
+    with run_lock(Path(a.dir), "attack", create=False):
         run_attack(Path(a.dir))
 
 

@@ -153,7 +153,7 @@ def sweep_stage(cfg: Config, out: Path, resume: bool = False, ds: Dataset | None
 
 def select_stage(out: Path, **overrides):
     from .select import select_dir
-    with run_lock(out, "select"):
+    with run_lock(out, "select", create=False):
         cfg = read_config(out)
         defaults = {k: v for k, v in vars(cfg.select).items() if v is not None} | {"experiment": cfg.name}
         return select_dir(out, defaults=defaults, **overrides)

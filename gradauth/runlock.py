@@ -51,11 +51,17 @@ def os_error_line(e: OSError, what: str | None = None) -> str:
 
 
 @contextlib.contextmanager
-def run_lock(out: str | os.PathLike, command: str) -> Iterator[Path]:
-    """Hold DIR/.gradauth.lock exclusively for the body; a second holder is refused with a GradauthError."""
+def run_lock(out: str | os.PathLike, command: str, create: bool = True) -> Iterator[Path]:
+    """Hold DIR/.gradauth.lock exclusively for the body; a second holder is refused with a GradauthError.
+
+    `create=False` (commands that work on an existing results folder): a DIR that does not exist is not made, and
+    the body runs unlocked, to refuse it with its own message."""
     out = Path(out)
     path = out / LOCK_NAME
     key = os.path.realpath(path)
+    if not create and key not in _held and not out.is_dir():
+        yield path
+        return
     if key in _held:
         _held[key][1] += 1
         try:

@@ -115,6 +115,13 @@ def test_second_run_on_the_same_folder_is_refused_and_a_killed_holder_frees_it(t
     assert not (out / LOCK_NAME).exists()  # the holder removes it when done
 
 
+def test_commands_on_a_missing_results_folder_do_not_create_it(tmp_path, capsys):
+    for command in ("select", "report", "release", "attack"):
+        assert main([command, str(tmp_path / "typo")]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+        assert not (tmp_path / "typo").exists(), command
+
+
 def test_lock_is_reentrant_within_a_process_and_exclusive_across_open_files(tmp_path):
     import fcntl
     from gradauth.errors import GradauthError

@@ -142,8 +142,11 @@ def trial_context(cfg: Config, out: Path, ds: Dataset | None = None) -> TrialCon
 def sweep_stage(cfg: Config, out: Path, resume: bool = False, ds: Dataset | None = None):
     from .sweep import run_sweep
     with run_lock(out, "sweep"):
+        if (out / "base.pt").is_file():  # before the importance scores, which can take a while
+            spec = load_model_file(out / "base.pt")["spec"]
+            check_output_space(out, space_needed(cfg, spec["num_classes"], spec["in_channels"], ("sweep",)),
+                               "the sweep")
         ctx = trial_context(cfg, out, ds)
-        check_output_space(out, space_needed(cfg, ctx.spec.num_classes, ctx.spec.in_channels, ("sweep",)), "the sweep")
         write_config(cfg, out)
         df = run_sweep(cfg, ctx, out, resume=resume)
     counts = df["status"].value_counts().to_dict()

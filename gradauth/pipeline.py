@@ -87,11 +87,17 @@ def space_needed(cfg: Config, num_classes: int, in_channels: int, stages: tuple[
     if "sweep" in stages:
         need += n * m
         if not cfg.sweep.storage:
-            need += n * m + (cfg.sweep.max_concurrent or os.cpu_count() or 1) * 4 * m
+            need += ray_storage_bytes(cfg, m, n)
     if "release" in stages:
         levels = len(cfg.select.targets) if cfg.select.targets else cfg.select.levels
         need += (min(n, levels) + 2) * m
     return int(need * 1.25) + 16 * 2**20
+
+
+def ray_storage_bytes(cfg: Config, m: int, n: int) -> int:
+    """Tune's storage: each trial's last checkpoint (its final model) plus, for the trials running at once, a
+    checkpoint being replaced by the next (model and momentum, twice)."""
+    return n * m + (cfg.sweep.max_concurrent or os.cpu_count() or 1) * 4 * m
 
 
 def train_stage(cfg: Config, out: Path, ds: Dataset | None = None, resume: bool = False) -> dict:
@@ -146,6 +152,12 @@ def sweep_stage(cfg: Config, out: Path, resume: bool = False, ds: Dataset | None
             spec = load_model_file(out / "base.pt")["spec"]
             check_output_space(out, space_needed(cfg, spec["num_classes"], spec["in_channels"], ("sweep",)),
                                "the sweep")
+            storage = cfg.sweep.storage
+            if storage and "://" not in storage:  # a local or NFS storage outside the output dir: check it too
+                from .trial import grid
+                m = model_bytes(cfg, spec["num_classes"], spec["in_channels"])
+                check_output_space(Path(storage), int(ray_storage_bytes(cfg, m, len(grid(cfg))) * 1.25) + 16 * 2**20,
+                                   "the sweep's Ray storage", "set sweep.storage on another disk")
         ctx = trial_context(cfg, out, ds)
         write_config(cfg, out)
         df = run_sweep(cfg, ctx, out, resume=resume)

@@ -116,7 +116,8 @@ def _open_locked(out: Path, path: Path) -> int:
         os.close(fd)
 
 
-def check_output_space(out: str | os.PathLike, need_bytes: int, what: str = "this stage") -> None:
+def check_output_space(out: str | os.PathLike, need_bytes: int, what: str = "this stage",
+                       elsewhere: str = "pass --out on another disk") -> None:
     """Refuse (GradauthError) unless DIR takes a new file and its disk has `need_bytes` free."""
     out = Path(out)
     try:
@@ -133,7 +134,7 @@ def check_output_space(out: str | os.PathLike, need_bytes: int, what: str = "thi
         raise GradauthError(os_error_line(e, f"write into {out}"))
     if free < need_bytes:
         raise GradauthError(f"{out} has {_mb(free)} free but {what} needs about {_mb(need_bytes)}: free space or "
-                            f"pass --out on another disk")
+                            f"{elsewhere}")
 
 
 def _mb(n: int) -> str:

@@ -244,6 +244,19 @@ def test_checkpoint_of_another_config_is_not_used(tmp_path, reference, capsys):
     assert not all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), model.state_dict().values()))
 
 
+def test_full_sweep_storage_is_found_before_the_sweep(reference, tmpfs, capsys):
+    storage = tmpfs("size=2m")
+    raw = yaml.safe_load((reference / "c.yaml").read_text())
+    raw["sweep"]["storage"] = str(storage)
+    cfg = reference / "storage.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main(["sweep", str(cfg), "--out", str(reference / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the sweep's Ray storage needs about" in err, err
+    assert "set sweep.storage on another disk" in err and "[sweep] importance" not in err
+    assert not any(storage.iterdir()) and not (reference / "out" / "trials.parquet").exists()
+
+
 # -- a killed sweep driver leaves no Ray behind --------------------------------------------------------------------
 
 def _proc_table():

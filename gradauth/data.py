@@ -151,7 +151,7 @@ def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             batch = _ArraysOnly(f, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, OSError) as e:
         raise GradauthError(f"{path} is not a CIFAR python batch ({e}): re-extract the dataset's python version")
     if not isinstance(batch, dict) or "data" not in batch:
         raise GradauthError(f"{path} is not a CIFAR python batch (no 'data' array): re-extract the dataset")
@@ -163,34 +163,80 @@ def _cifar(cfg: DataConfig, hundred: bool):
     folder, files, key = (("cifar-100-python", ["train"], "fine_labels") if hundred else
                           ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "labels"))
     test_file = "test" if hundred else "test_batch"
+    k = 100 if hundred else 10
     if not (root / folder).is_dir() and cfg.download:
         import torchvision
         (torchvision.datasets.CIFAR100 if hundred else torchvision.datasets.CIFAR10)(str(root), download=True)
     if not (root / folder).is_dir():
         raise GradauthError(f"dataset folder {root / folder} not found: set data.root (or $GRADAUTH_DATA) to the folder "
                             f"holding {folder}/, or set data.download: true")
+    missing = [n for n in files + [test_file] if not (root / folder / n).is_file()]
+    if missing:
+        raise GradauthError(f"{root / folder} lacks {', '.join(missing)}: re-extract the dataset's python version there "
+                            f"(or remove the folder and set data.download: true)")
 
     def read(names):
-        batches = [_unpickle(root / folder / n) for n in names]
-        x = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
-        y = np.concatenate([np.asarray(b[key]) for b in batches])
-        return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+        batches = [(n, _unpickle(root / folder / n)) for n in names]
+        xs, ys = [], []
+        for n, b in batches:
+            try:
+                x = np.asarray(b["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+                y = np.asarray(b[key], dtype=np.int64).reshape(-1)
+            except (KeyError, ValueError, TypeError) as e:
+                raise GradauthError(f"{root / folder / n} is not a CIFAR python batch (bad {e.__class__.__name__}: "
+                                    f"no 32×32×3 uint8 'data' with '{key}'): re-extract the dataset")
+            if len(x) != len(y) or (len(y) and not (0 <= y.min() and y.max() < k)):
+                raise GradauthError(f"{root / folder / n} is damaged: {len(x)} images, {len(y)} labels"
+                                    f"{'' if not len(y) else f' in {y.min()}…{y.max()}'} (expected labels 0…{k - 1}, "
+                                    f"one per image): re-extract the dataset")
+            xs.append(x), ys.append(y)
+        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
     x, y = read(files)
-    return x, y, Split(*read([test_file])), 100 if hundred else 10
+    return x, y, Split(*read([test_file])), k
+
+
+def _class_folders(folder: Path) -> list[str]:
+    """ImageFolder's classes: the sub-folders, sorted (their order gives the labels)."""
+    try:
+        return sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    except OSError as e:
+        raise GradauthError(f"imagefolder {folder} cannot be read ({e.strerror or e}): check the path and permissions")
 
 
 def _imagefolder(cfg: DataConfig, seed: int):
     import torchvision
+    from PIL import Image
     from torchvision.transforms import v2
     root = _root(cfg)
+    layout = f"imagefolder needs {root}/train/<class>/* and {root}/test/<class>/*"
+    classes = {}
+    for part in ("train", "test"):
+        if not (root / part).is_dir():
+            raise GradauthError(f"{layout}: {root / part} is missing")
+        classes[part] = _class_folders(root / part)
+        if not classes[part]:
+            raise GradauthError(f"{layout}: {root / part} holds no class folders")
+    if classes["train"] != classes["test"]:
+        only_train = sorted(set(classes["train"]) - set(classes["test"]))
+        only_test = sorted(set(classes["test"]) - set(classes["train"]))
+        diff = "; ".join(f"only in {p}: {', '.join(c)}" for p, c in (("train", only_train), ("test", only_test)) if c)
+        raise GradauthError(f"imagefolder {root}: train and test have different class folders ({diff}): labels follow "
+                            f"the sorted folder names, so both splits need the same classes")
     tf = v2.Compose([v2.PILToTensor(), v2.Resize((cfg.image_size, cfg.image_size), antialias=True)])
     splits = {}
     for part in ("train", "test"):
-        if not (root / part).is_dir():
-            raise GradauthError(f"imagefolder needs {root}/train/<class>/* and {root}/test/<class>/*: {root / part} is missing")
-        ds = torchvision.datasets.ImageFolder(str(root / part), transform=tf)
-        xs = [ds[i][0][:3].expand(3, -1, -1) for i in range(len(ds))]
+        try:
+            ds = torchvision.datasets.ImageFolder(str(root / part), transform=tf)
+        except FileNotFoundError as e:
+            raise GradauthError(f"imagefolder {root / part}: {e}".rstrip(". ") + ": put images in every class folder")
+        xs = []
+        for i, (path, _) in enumerate(ds.samples):
+            try:
+                xs.append(ds[i][0][:3].expand(3, -1, -1))
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                why = str(e).splitlines()[0][:120] if str(e) else e.__class__.__name__
+                raise GradauthError(f"image {path} cannot be decoded ({why}): remove or replace it")
         splits[part] = (torch.stack(xs), torch.tensor(ds.targets), len(ds.classes))
     x, y, k = splits["train"]
     return x, y, Split(*splits["test"][:2]), k
@@ -215,7 +261,30 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
         x, y, test, k = _imagefolder(cfg, seed)
     else:
         raise GradauthError(f"unknown dataset {cfg.name!r}")
+    if k < 2:
+        raise GradauthError(f"{cfg.name} has {k} class{'' if k == 1 else 'es'}: a classifier needs at least 2")
     train, val = _split_train_val(x, y, cfg.val_fraction, seed)
+    if not len(train) or not len(test):
+        raise GradauthError(f"{cfg.name} has {len(train)} train images (after holding out data.val_fraction "
+                            f"{cfg.val_fraction}) and {len(test)} test images: both splits need images")
+    for part, split, n in (("train", train, cfg.train_subset), ("test", test, cfg.test_subset)):
+        if n is not None and n > len(split):
+            held = f" after holding out data.val_fraction {cfg.val_fraction}" if part == "train" else ""
+            raise GradauthError(f"data.{part}_subset {n} is larger than the {part} split ({len(split)} images{held}): "
+                                f"lower it to at most {len(split)} or remove it")
     train, test = train.subset(cfg.train_subset, seed), test.subset(cfg.test_subset, seed)
     mean, std = _stats(train.x)
     return Dataset(cfg.name, train, val, test, k, mean, std, cfg.crop_pad, cfg.flip)
+
+
+def check_config_against(cfg, ds: Dataset) -> None:
+    """What a config asks of its data that only the loaded data can answer, checked before training (the sweep would
+    find it only after the base model is trained): the classes a slice importance slices from."""
+    problems = []
+    for imp in cfg.importance:
+        bad = [c for c in imp.classes or [] if c >= ds.num_classes]
+        if bad:
+            problems.append(f"`importance` {imp.label} names classes {bad}, but {ds.name} has classes "
+                            f"0…{ds.num_classes - 1}: use those")
+    if problems:
+        raise GradauthError("; ".join(problems))

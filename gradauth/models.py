@@ -148,6 +148,29 @@ class DenseNet(nn.Module):
 ARCHS = ("vgg_tiny", "vgg11", "vgg16", "vgg19", "resnet10", "resnet18", "resnet20", "resnet56", "densenet40", "torchvision:<name>")
 
 
+def arch_problem(arch: str) -> str | None:
+    """Why `build_model` would refuse `arch` (with the fix), or None: the config check, without building anything."""
+    if arch in VGG_CFGS:
+        return None
+    if arch.startswith("resnet") and arch[6:].isdigit():
+        depth = int(arch[6:])
+        if depth in WIDE_RESNETS or (depth >= 8 and (depth - 2) % 6 == 0):
+            return None
+        return f"{arch!r}: CIFAR ResNet depth must be 6n+2 (20, 56, 110) or 10/18/34"
+    if arch.startswith("densenet") and arch[8:].isdigit():
+        depth = int(arch[8:])
+        if depth >= 7 and (depth - 4) % 3 == 0:
+            return None
+        return f"{arch!r}: DenseNet depth must be 3n+4 with n ≥ 1 (e.g. 40)"
+    if arch.startswith("torchvision:"):
+        import torchvision
+        name = arch.split(":", 1)[1]
+        if name not in torchvision.models.list_models(torchvision.models):
+            return f"torchvision has no classifier {name!r}: see torchvision.models.list_models()"
+        return None
+    return f"{arch!r} is not a known model.arch: choose one of {', '.join(ARCHS)}"
+
+
 def build_model(arch: str, num_classes: int, in_channels: int = 3, width: float = 1.0) -> nn.Module:
     if arch in VGG_CFGS:
         return VGG(VGG_CFGS[arch], num_classes, in_channels, width)

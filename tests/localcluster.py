@@ -109,8 +109,10 @@ class LocalCluster:
         return p
 
     def start_head(self, num_cpus: float = 0, num_gpus: float = 0, autoscaling_config: Path | None = None,
-                   env: dict | None = None) -> subprocess.Popen:
+                   env: dict | None = None, port: int | None = None) -> subprocess.Popen:
+        """`port`: the GCS port, when it must be known before (an autoscaling config names it); else a free one."""
         self.gcs_port, dash, client = free_ports(3)
+        self.gcs_port = port or self.gcs_port
         args = ["--head", "--port", str(self.gcs_port), "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus),
                 "--include-dashboard", "false", "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
                 "--temp-dir", self.temp_dir]

@@ -160,3 +160,31 @@ def test_pending_gpu_trials_scale_gpu_workers_up_then_idle_ones_down(tmp_path):
     assert not any(k.startswith("unknown") for c in during for k in c)
     df = pd.read_parquet(out / "trials.parquet")
     assert sorted(df["trial_id"]) == sorted(t.trial_id for t in grid(cfg)) and (df["status"] == "ok").all()
+
+
+def _nodes_added(cfg: dict, existing: dict, pending: int, shape: dict) -> dict:
+    """What Ray's autoscaler (v1, its own bin packing and node-type scorer) adds for `pending` trials of `shape`."""
+    from functools import partial
+
+    from ray.autoscaler._private.resource_demand_scheduler import _default_utilization_scorer, get_nodes_for
+    types = {k: {"resources": dict(v["resources"]), "max_workers": v.get("max_workers", 0)}
+             for k, v in cfg["available_node_types"].items()}
+    add, _ = get_nodes_for(types, existing, cfg["head_node_type"], 100, [shape] * pending,
+                           partial(_default_utilization_scorer, node_availability_summary=None))
+    return dict(add)
+
+
+def test_which_gpu_workers_the_autoscaler_adds():
+    """The autoscaler's choice, computed offline by its own code, for the rehearsal (what the live test above sees)
+    and for cluster.yaml. Which type it adds depends on how many trials wait: it scores each type by how full one
+    node of it would be, weighting each resource by its amount, so a big pending queue fills a g5.12xlarge
+    (ray.worker.gpu4) better than a g5.2xlarge and gets it first."""
+    vgg = {"CPU": 2, "GPU": 0.25}  # sweeps/cifar10-vgg19.yaml's trial
+    fake, aws = yaml.safe_load(REHEARSAL.read_text()), yaml.safe_load(AWS.read_text())
+    # The live test: 9 trials, 4 on the min_workers node, 5 waiting.
+    assert _nodes_added(fake, {"ray.head.default": 1, "ray.worker.gpu": 1}, 5, vgg) == \
+        {"ray.worker.gpu": 1, "ray.worker.gpu4": 1}
+    running = {"ray.head.cpu": 1, "ray.worker.gpu": 1}  # cluster.yaml's min_workers, 4 trials on it
+    assert _nodes_added(aws, running, 8, vgg) == {"ray.worker.gpu": 2}
+    assert _nodes_added(aws, running, 16, vgg) == {"ray.worker.gpu4": 1}  # not four more g5.2xlarge
+    assert _nodes_added(aws, running, 92, vgg) == {"ray.worker.gpu4": 2, "ray.worker.gpu": 7}  # the whole sweep

@@ -22,6 +22,11 @@ import time
 from pathlib import Path
 
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` CLI of this interpreter
+
+# For nodes whose GPUs are declared only: even on a machine with a real GPU, torch in a trial then sees none. Ray
+# would point CUDA_VISIBLE_DEVICES at the GPU id it assigns; with NOSET it leaves the node's "-1" (no device) alone.
+# ("" would be refused: a node may not declare more GPUs than CUDA_VISIBLE_DEVICES lists.)
+NO_CUDA = {"CUDA_VISIBLE_DEVICES": "-1", "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -120,12 +125,12 @@ class LocalCluster:
             args.append(f"--autoscaling-config={autoscaling_config}")
         return self._start("head", args, self.env | (env or {}))
 
-    def add_worker(self, name: str, num_cpus: float, num_gpus: float = 0) -> subprocess.Popen:
+    def add_worker(self, name: str, num_cpus: float, num_gpus: float = 0, env: dict | None = None) -> subprocess.Popen:
         """Start a worker node; `wait_up` for it before adding the next. Nodes on one machine share the head's
         session dir and number their sockets and logs by the files already there (raylet.1, raylet.2, ...): two
         starting at once both pick the same name and the second raylet dies on `bind: Address already in use`."""
         return self._start(name, ["--address", self.address, "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus)],
-                           self.env)
+                           self.env | (env or {}))
 
     def log(self, name: str) -> str:
         return (self.log_dir / f"{name}.log").read_text(errors="replace")

@@ -2,7 +2,7 @@
 fake multi-node provider): a sweep's pending fractional-GPU trials make the autoscaler add GPU workers up to the pool's
 max_workers (and spill the rest to the 4-GPU type, as on AWS when the g5.2xlarge pool is full), no CPU-only slicing
 worker is started for them, and once the sweep is over the idle workers go away after the idle timeout, down to the
-pool's min_workers.
+pool's min_workers, without a trial failing on the way.
 
 The first test checks offline that the rehearsal file keeps cluster.yaml's node types, so the rehearsal cannot drift
 from the cluster it stands for.
@@ -142,7 +142,9 @@ def test_pending_gpu_trials_scale_gpu_workers_up_then_idle_ones_down(tmp_path):
         t_end = time.time()
         stamp("sweep done")
         during = [counts(l) for l in history()]
-        # Idle workers go, down to min_workers (the timeout is 6 s; a node's drain and the next update add a few).
+        # No trial failed on the way (e.g. placed on a node the autoscaler took for idle as it came up).
+        assert "Trial task failed" not in (tmp_path / "driver.log").read_text()
+        # Idle workers go, down to min_workers (the timeout is 30 s; a node's drain and the next update add a few).
         wait_for(lambda c: c == {"head": 1, "ray.worker.gpu": 1}, 120, "the scale-down to min_workers")
         stamp(f"scaled down {time.time() - t_end:.1f} s after the sweep")
     finally:

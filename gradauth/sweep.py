@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from . import registry
 from .checkpoint import from_bytes, to_bytes
 from .config import Config
 from .engine import pick_device
@@ -76,9 +77,10 @@ def cap_gpu_memory(device: torch.device, fraction: float) -> float | None:
 
 
 def tune_trainable(config: dict, ctx: TrialContext, threads: int = 1, checkpoint_every: int = 1,
-                   checkpoint_min_s: float = 0.0, gpu_fraction: float = 0.0) -> None:
+                   checkpoint_min_s: float = 0.0, gpu_fraction: float = 0.0, plugins=None) -> None:
     """The Ray Tune function trainable: restore, run the plain trial, report the row (and the model) at the end."""
     from ray import tune
+    registry.restore(plugins)  # the driver's registered models/datasets/criteria (registry.py), once per worker
     torch.set_num_threads(threads)
     t = TrialSpec(**config["trial"])
     device = pick_device()
@@ -240,7 +242,8 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
     cpu = resources["cpu"]
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, ctx=ctx, threads=max(1, int(cpu)), checkpoint_every=cfg.sweep.checkpoint_every,
-                             checkpoint_min_s=cfg.sweep.checkpoint_min_s, gpu_fraction=resources["gpu"]),
+                             checkpoint_min_s=cfg.sweep.checkpoint_min_s, gpu_fraction=resources["gpu"],
+                             plugins=registry.snapshot()),
         resources)
     storage = cfg.sweep.storage or str((out_dir / "ray").resolve())
     exp_path = f"{storage.rstrip('/')}/sweep"

@@ -36,7 +36,8 @@ SEED_MAX = 2**32 - 1            # numpy's limit; trial generators multiply seeds
 @dataclass(frozen=True)
 class Rule:
     """What one config field accepts. `parse_config` reads these; nothing else encodes a field's type or range."""
-    kind: str                       # int | float | bool | str | resources ({cpu, gpu} per trial)
+    kind: str                       # int | float | bool | str | resources ({cpu, gpu} per trial) | settings (an importance
+                                    # criterion's own dataclass: its fields' rules check it, see _importance)
     many: bool = False              # a list of `kind` (one bare value is read as a one-item list)
     optional: bool = False          # null allowed (it means the default the field's comment describes)
     lo: float | None = None         # range: lo ≤ v (lo < v with lo_open), v ≤ hi (v < hi with hi_open)

@@ -2,8 +2,8 @@
 `ray start --address` as on a real cluster), each worker declaring one GPU, and the sweep's driver joining the head
 through RAY_ADDRESS as `ray job submit` would. Trials ask for half a GPU each: torch sees no CUDA here, so they run
 on the CPU, but Ray schedules them by the GPUs the nodes declare, so two trials fill a worker and four spread over
-both. One worker's process group is SIGKILLed while its trials are half way through fine-tuning; they must finish
-on the other worker from their last checkpoints, every grid point exactly once in trials.parquet, with the same
+both. One worker node is SIGKILLed (its raylet's process group and the trial workers it started) while its trials
+are half way through fine-tuning; they must finish on the other worker from their last checkpoints, every grid point exactly once in trials.parquet, with the same
 numbers and weights as the same trials run undisturbed.
 """
 from __future__ import annotations

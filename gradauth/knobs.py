@@ -19,7 +19,6 @@ schema and Ray layers all read it.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 

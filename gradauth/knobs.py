@@ -12,13 +12,14 @@ dataclasses whose fields say, in their metadata (`knob`), everything the other s
 - the finetune config list the sweep's grid takes the values from (`config`; a knob without a config list runs at
   its default).
 
-So adding a fine-tune knob is adding one field to `Schedule` (plus its use in `finetune.finetune`, and a list in
-`config.FinetuneConfig` if it is to be swept). This module imports nothing heavy (no torch, no pyarrow): the config,
+So adding a fine-tune knob is adding one field to `Schedule` (plus its use in `finetune.finetune`): its
+`finetune.<config>` list in the YAML, checked by its `rule`, is added to `config.FinetuneConfig` from the field. This module imports nothing heavy (no torch, no pyarrow): the config,
 schema and Ray layers all read it.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
@@ -27,13 +28,16 @@ KINDS = ("int", "float", "str")
 
 def knob(default: Any = dataclasses.MISSING, *, column: str, kind: str, label: str | Callable | None = None,
          title: str | None = None, id: str | Callable | None = None, id_always: bool = False, group: bool = True,
-         config: str | None = None) -> Any:
+         config: str | None = None, rule: dict | None = None) -> Any:
     """A dataclass field of `LockSpec` / `Schedule` with its contract as metadata (see the module docstring).
     `id` is the trial-id prefix (a string, or a function of the whole spec for prefixes that depend on another field);
-    None leaves the field out of the id (it is written by another field's part)."""
+    None leaves the field out of the id (it is written by another field's part). `config` names the finetune config
+    list of the knob's values; where `config.FinetuneConfig` does not declare that list itself, it gets one, checked
+    by `rule` (`config.Rule` settings such as lo, hi, choices)."""
     assert kind in KINDS, kind
     meta = {"knob": {"column": column, "kind": kind, "label": label, "title": title or column, "id": id,
-                     "id_always": id_always, "group": group, "config": config}}
+                     "id_always": id_always, "group": group, "config": config,
+                     "rule": dict(rule or {})}}
     return field(default=default, metadata=meta)
 
 
@@ -179,10 +183,25 @@ def trial_id(lock: LockSpec, schedule: Schedule) -> str:
     return "-".join(id_parts(lock) + id_parts(schedule))
 
 
+def schedules(ft, cls=None) -> list:
+    """Every schedule of a finetune config section: the product of each knob's list (`config` in its metadata), in
+    field order (the last knob varies fastest: epochs, lr, data_fraction, scope, seed); a knob the section has no
+    list for runs at its default."""
+    axes = []
+    for f, m in knobs(cls or Schedule):
+        values = getattr(ft, m["config"], None) if m["config"] else None
+        if values is None:
+            if f.default is dataclasses.MISSING:
+                raise ValueError(f"Schedule.{f.name} has no default and no finetune list")
+            values = [f.default]
+        axes.append([(f.name, cast(m["kind"], v)) for v in values])
+    return [(cls or Schedule)(**dict(combo)) for combo in itertools.product(*axes)]
+
+
 def schedule_dict(s: Schedule) -> dict:
     """levels.json's `schedule`: the grouping knobs by field name (the seed is not part of a level's schedule)."""
     return {f.name: getattr(s, f.name) for f, m in knobs(type(s)) if m["group"]}
 
 
 __all__ = ["LockSpec", "Schedule", "knob", "num", "lock_label", "schedule_label", "trial_id", "columns",
-           "column_kinds", "from_row", "to_row", "fill_defaults", "schedule_dict", "knobs"]
+           "column_kinds", "from_row", "to_row", "fill_defaults", "schedule_dict", "schedules", "knobs"]

@@ -4,7 +4,6 @@ Ray Tune wraps `run_trial` (sweep.py); the benchmark and the tests call it direc
 """
 from __future__ import annotations
 
-import itertools
 import time
 import warnings
 from dataclasses import MISSING, asdict, dataclass, field, make_dataclass
@@ -18,7 +17,7 @@ from .compact import compact, count_flops, count_params
 from .data import Dataset
 from .engine import evaluate
 from .finetune import finetune
-from .knobs import LockSpec, Schedule, cast, knobs, to_row, trial_id
+from .knobs import LockSpec, Schedule, knobs, schedules, to_row, trial_id
 from .prune import Masks, apply_masks, count_removed, empty_layers, lock_masks
 
 
@@ -152,20 +151,6 @@ def degenerate_lock(model: nn.Module, masks: Masks, example: torch.Tensor) -> st
         return (f"the lock removes every channel of {', '.join(empty[:3])}{' …' if len(empty) > 3 else ''}, "
                 f"which cannot be compacted ({str(e).splitlines()[0][:80]})")
     return None
-
-
-def schedules(ft, cls=Schedule) -> list[Schedule]:
-    """Every schedule of a finetune config section: the product of each knob's list (`config` in its metadata), in
-    field order (the last knob varies fastest); a knob the section has no list for runs at its default."""
-    axes = []
-    for f, m in knobs(cls):
-        values = getattr(ft, m["config"], None) if m["config"] else None
-        if values is None:
-            if f.default is MISSING:
-                raise ValueError(f"Schedule.{f.name} has no default and no finetune list")
-            values = [f.default]
-        axes.append([(f.name, cast(m["kind"], v)) for v in values])
-    return [cls(**dict(combo)) for combo in itertools.product(*axes)]
 
 
 def grid(cfg) -> list[TrialSpec]:

@@ -142,63 +142,73 @@ KNOB_TEST = r'''
 import json, sys
 import pandas as pd
 from pathlib import Path
-from gradauth import knobs, report, schema, select, attack
+from gradauth import knobs, report, schema, select, attack, status
+from gradauth.errors import GradauthError
 from gradauth.knobs import Schedule
 from gradauth.trial import TrialSpec, grid
 from gradauth.config import parse_config
 sys.path.insert(0, sys.argv[1])
 from paper_table import seeds, table, write_trials
 
-assert "ft_momentum" in schema.TRIAL_COLUMNS and str(schema.TRIAL_COLUMNS["ft_momentum"]) == "double"
-assert list(schema.TRIAL_COLUMNS)[13:15] == ["seed", "ft_momentum"]
-assert "ft_momentum" in select.GROUP and "ft_momentum" in schema.GRID and report.KNOBS["ft_momentum"] == "momentum"
+assert "ft_smoothing" in schema.TRIAL_COLUMNS and str(schema.TRIAL_COLUMNS["ft_smoothing"]) == "double"
+assert list(schema.TRIAL_COLUMNS)[13:15] == ["seed", "ft_smoothing"]
+assert "ft_smoothing" in select.GROUP and "ft_smoothing" in schema.GRID and report.KNOBS["ft_smoothing"] == "label smoothing"
 t = TrialSpec("bn_gamma", "rate", 0.1, 3, 0.01, 1.0, "all", 0)
-assert t.momentum == 0.9 and t.trial_id == "bn_gamma-rate0.1-e3-lr0.01-f1-all-s0"  # default: today's id
-m = TrialSpec("bn_gamma", "rate", 0.1, 3, 0.01, 1.0, "all", 0, momentum=0.5)
-assert m.trial_id == "bn_gamma-rate0.1-e3-lr0.01-f1-all-m0.5-s0" and m.schedule.momentum == 0.5
-assert m.schedule.label == "3 ep, lr 0.01, 100% data, all, momentum 0.5" and t.schedule.label == "3 ep, lr 0.01, 100% data, all"
-cfg = parse_config({"finetune": {"epochs": [3], "seeds": [0, 1]}})  # no momentum list: the default, same ids
+assert t.smoothing == 0.0 and t.trial_id == "bn_gamma-rate0.1-e3-lr0.01-f1-all-s0"  # default: today's id
+m = TrialSpec("bn_gamma", "rate", 0.1, 3, 0.01, 1.0, "all", 0, smoothing=0.1)
+assert m.trial_id == "bn_gamma-rate0.1-e3-lr0.01-f1-all-ls0.1-s0" and m.schedule.smoothing == 0.1
+assert m.schedule.label == "3 ep, lr 0.01, 100% data, all, smoothing 0.1" and t.schedule.label == "3 ep, lr 0.01, 100% data, all"
+cfg = parse_config({"finetune": {"epochs": [3], "seeds": [0, 1]}})  # no smoothing list: the default, same ids
 assert [s.trial_id for s in grid(cfg)] == ["bn_gamma-rate0.1-e3-lr0.01-f1-all-s0", "bn_gamma-rate0.1-e3-lr0.01-f1-all-s1"]
-# select: two momentum values of one lock and schedule are two candidates, each labelled with its momentum
+# the config: a finetune.smoothing list, swept and checked by the knob's rule
+cfg = parse_config({"finetune": {"epochs": [3], "smoothing": [0.0, 0.1]}})
+assert [s.trial_id for s in grid(cfg)] == ["bn_gamma-rate0.1-e3-lr0.01-f1-all-s0", "bn_gamma-rate0.1-e3-lr0.01-f1-all-ls0.1-s0"]
+assert status._grid_size(cfg) == 2
+try:
+    parse_config({"finetune": {"smoothing": [1.5]}})
+    raise SystemExit("smoothing 1.5 accepted")
+except GradauthError as e:
+    assert "`finetune.smoothing` entry must be in [0, 1), got 1.5" in str(e), e
+# select: two smoothing values of one lock and schedule are two candidates, each labelled with its smoothing
 rows = seeds(0.90, lock_value=0.1) + seeds(0.80, lock_value=0.1)
 df = table(rows)
-df["ft_momentum"] = [0.9] * 3 + [0.5] * 3
-df["trial_id"] = [TrialSpec("bn_gamma", "rate", 0.1, 40, 0.01, 1.0, "all", s, momentum=mo).trial_id
-                  for s, mo in zip(df["seed"], df["ft_momentum"])]
+df["ft_smoothing"] = [0.0] * 3 + [0.1] * 3
+df["trial_id"] = [TrialSpec("bn_gamma", "rate", 0.1, 40, 0.01, 1.0, "all", s, smoothing=mo).trial_id
+                  for s, mo in zip(df["seed"], df["ft_smoothing"])]
 sel = select.select_levels(df, levels=2, max_locked_acc=0.2)
-assert [lv["schedule"].get("momentum") for lv in sel.levels] == [0.9, 0.5], sel.levels
+assert [lv["schedule"].get("smoothing") for lv in sel.levels] == [0.0, 0.1], sel.levels
 assert [lv["fine_acc"] for lv in sel.levels] == [0.9, 0.8]
 print(select.format_table(sel))
 out = Path(sys.argv[2])
 write_trials(df, out / "trials.parquet")
 select.select_dir(out, levels=2, max_locked_acc=0.2)  # levels.json written and read back through its validator
 doc = schema.read_levels(out / "levels.json", schema.read_trials(out / "trials.parquet"))
-assert [lv["schedule"]["momentum"] for lv in doc["levels"]] == [0.9, 0.5]
-assert attack.best_schedule(out, "bn_gamma", "rate", 0.1).momentum == 0.9
+assert [lv["schedule"]["smoothing"] for lv in doc["levels"]] == [0.0, 0.1]
+assert attack.best_schedule(out, "bn_gamma", "rate", 0.1).smoothing == 0.0
 df.loc[:2, "fine_acc"] = 0.7
 write_trials(df, out / "trials.parquet")
 best = attack.best_schedule(out, "bn_gamma", "rate", 0.1)
-assert best.momentum == 0.5 and all(s.momentum == 0.5 for _, s in attack.schedules(best, 0.1, 1000, 50))
+assert best.smoothing == 0.1 and all(s.smoothing == 0.1 for _, s in attack.schedules(best, 0.1, 1000, 50))
 # an older trials.parquet, without the column: every row at the default, selected as before
-old = table(seeds(0.90, lock_value=0.1) + seeds(0.80, lock_value=0.2)).drop(columns=["ft_momentum"])
+old = table(seeds(0.90, lock_value=0.1) + seeds(0.80, lock_value=0.2)).drop(columns=["ft_smoothing"])
 levels = select.select_levels(old, levels=2, max_locked_acc=0.2).levels
-assert [lv["schedule"]["momentum"] for lv in levels] == [0.9, 0.9]
+assert [lv["schedule"]["smoothing"] for lv in levels] == [0.0, 0.0]
 print("KNOB OK")
 '''
 
 
 def test_a_knob_added_in_one_place_flows_to_columns_grouping_labels_ids_and_attack(tmp_path):
     """Copy the package, add ONE field to Schedule (nothing else edited), and check in a fresh interpreter that the
-    new knob is a trials.parquet column, a grouping key of select, a label in select's table and the report's plot
-    axis, a trial id part (absent at its default, so existing ids hold), a TrialSpec field and part of attack's
-    schedule."""
+    new knob is a checked `finetune.<name>` config list, a grid axis, a trials.parquet column, a grouping key of
+    select, a label in select's table and the report's plot axis, a trial id part (absent at its default, so
+    existing ids hold), a TrialSpec field, a levels.json schedule key and part of attack's schedule."""
     pkg = tmp_path / "gradauth"
     shutil.copytree(ROOT / "gradauth", pkg, ignore=shutil.ignore_patterns("__pycache__", "*.so", "build"))
     src = (pkg / "knobs.py").read_text()
     anchor = '    seed: int = knob(0, column="seed", kind="int", id="s", id_always=True, group=False, config="seeds")\n'
     assert src.count(anchor) == 1
-    added = ('    momentum: float = knob(0.9, column="ft_momentum", kind="float", label="momentum {}", '
-             'title="momentum", id="m")\n')
+    added = ('    smoothing: float = knob(0.0, column="ft_smoothing", kind="float", label="smoothing {}", '
+             'title="label smoothing", id="ls", config="smoothing", rule={"lo": 0, "hi": 1, "hi_open": True})\n')
     (pkg / "knobs.py").write_text(src.replace(anchor, anchor + added))
     (tmp_path / "script.py").write_text(KNOB_TEST)
     (tmp_path / "out").mkdir()
@@ -206,4 +216,12 @@ def test_a_knob_added_in_one_place_flows_to_columns_grouping_labels_ids_and_atta
     r = subprocess.run([sys.executable, str(tmp_path / "script.py"), str(ROOT / "tests"), str(tmp_path / "out")],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "KNOB OK" in r.stdout, r.stdout + r.stderr
-    assert "40 ep, lr 0.01, 100% data, all, momentum 0.5" in r.stdout  # select's table labels the new knob
+    assert "40 ep, lr 0.01, 100% data, all, smoothing 0.1" in r.stdout  # select's table labels the new knob
+
+
+def test_every_knob_has_its_finetune_list():
+    from gradauth.config import FinetuneConfig
+    lists = {f.name: f.metadata["rule"] for f in dataclasses.fields(FinetuneConfig)}
+    for f, m in knobs.knobs(Schedule):
+        assert m["config"] in lists and lists[m["config"]].many and lists[m["config"]].kind == m["kind"], f.name
+    assert [m["config"] for _, m in knobs.knobs(Schedule)] == ["epochs", "lr", "data_fraction", "scope", "seeds"]

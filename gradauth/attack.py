@@ -34,10 +34,9 @@ Targets (one row per target × fraction × schedule × seed in `attack.parquet`)
   message.
 - `scratch`: the same architecture from random initialisation: what the data alone is worth to the thief.
 
-Every lock as released (`zeros`) also gets one `owner` row: the best schedule as swept (its data fraction included),
-with the masks held,
-the level that lock could sell, so a lock the thief cannot recover is not mistaken for a good one when the owner
-cannot either.
+Every lock as released (`zeros`) also gets one `owner` row: the best schedule as swept (its data fraction included)
+with the masks held, the level that lock could sell, so a lock the thief cannot recover is not mistaken for a good
+one when the owner cannot either.
 
 `prun_acc` is each target's accuracy before the attack; `level_accs` are the levels' mean fine_acc (levels.json);
 `best_level_reached` is the best level whose accuracy the thief matches (null if none). The report is `attack.md`.

@@ -210,6 +210,24 @@ class FinetuneConfig:
     precision: str = opt("auto", "str", choices=lambda: PRECISIONS)  # as train.precision, for every fine-tune trial
 
 
+def _with_knob_lists(base):
+    """`base` plus one list field per Schedule knob (knobs.py) whose `config` list `base` does not declare itself, its
+    values checked by the knob's `rule` (a knob's default is its list's default), so a knob added to Schedule is a
+    swept `finetune.<config>` list with no edit here. The knobs declared above keep their own fields and comments."""
+    from .knobs import Schedule, knobs
+    have = {f.name: f for f in fields(base)}
+    for f, m in knobs(Schedule):
+        if m["config"] in have and not have[m["config"]].metadata["rule"].many:
+            raise TypeError(f"Schedule.{f.name}: finetune.{m['config']} is not a list; name its config list otherwise")
+    extra = [(m["config"], list, opt([f.default], m["kind"], many=True, unique=True, empty=GRID, **m["rule"]))
+             for f, m in knobs(Schedule) if m["config"] and m["config"] not in have]
+    return dataclasses.make_dataclass(base.__name__, extra, bases=(base,), namespace={"__module__": __name__}) \
+        if extra else base
+
+
+FinetuneConfig = _with_knob_lists(FinetuneConfig)
+
+
 @dataclass
 class SweepConfig:
     resources: dict = opt({"cpu": 1, "gpu": 0}, "resources")  # per trial; gpu may be fractional

@@ -21,12 +21,13 @@ from matplotlib.ticker import FuncFormatter
 from .errors import GradauthError
 from .fsutil import atomic_path, write_text
 from .schema import STATUSES, file_sha256, read_levels
+from .knobs import LockSpec, Schedule, columns, fill_defaults, from_row, knobs, schedule_dict
 from .select import GROUP, SELECT_COLUMNS, load_trials, lock_label, schedule_label
 
 REPORT_COLUMNS = [*SELECT_COLUMNS, "dataset", "arch", "base_acc", "seed", "params", "flops", "seconds"]
-SCHEDULE = ["ft_epochs", "ft_lr", "ft_data_fraction", "ft_scope"]
-KNOBS = {"ft_epochs": "fine-tune epochs", "ft_lr": "learning rate", "ft_data_fraction": "fraction of the training data",
-         "ft_scope": "parameters trained"}
+# The schedule columns and their axis titles, from Schedule's fields (knobs.py): a new knob gets its plot panel.
+SCHEDULE = columns(Schedule, group_only=True)
+KNOBS = {m["column"]: m["title"] for _, m in knobs(Schedule) if m["group"]}
 MAX_SCHEDULE_LINES = 4  # beyond this acc_vs_lock shows only the best schedule per lock value, to stay readable
 REASONS = {"unlockable": "status unlockable (locked accuracy above sweep.lock_bound, not fine-tuned)",
            "error": "status error (the trial failed)", "status": "no fine_acc recorded",
@@ -39,7 +40,8 @@ REASONS = {"unlockable": "status unlockable (locked accuracy above sweep.lock_bo
 def write_report(out_dir: str | os.PathLike) -> Path:
     """Write DIR/report.md and DIR/plots/*.png; return the report's path. Inputs are all validated first."""
     out = Path(out_dir)
-    trials = load_trials(out / "trials.parquet", REPORT_COLUMNS).sort_values([*GROUP, "seed"], kind="stable")
+    trials = load_trials(out / "trials.parquet", REPORT_COLUMNS)
+    trials = fill_defaults(fill_defaults(trials, LockSpec), Schedule).sort_values([*GROUP, "seed"], kind="stable")
     sel, levels_note = _current_levels(out, trials)
     attack, attack_note = _read_attack(out, sel)
     slices = _read_parquet(out / "slices.parquet") if (out / "slices.parquet").is_file() else None
@@ -154,8 +156,8 @@ def _fine_lines(ok: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 
 
 def _sched(row) -> dict:
-    return {"epochs": int(row["ft_epochs"]), "lr": float(row["ft_lr"]),
-            "data_fraction": float(row["ft_data_fraction"]), "scope": row["ft_scope"]}
+    """levels.json's `schedule` of a row (a mapping by column)."""
+    return schedule_dict(from_row(Schedule, row))
 
 
 def _acc_vs_lock(trials: pd.DataFrame, levels: list[dict], chance: float, bound: float) -> Figure:

@@ -20,14 +20,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import GradauthError
+from .knobs import LockSpec, Schedule, knobs
 
-# The trials.parquet contract, column → Arrow type (`pa.schema(TRIAL_COLUMNS)` is the file's schema).
+_ARROW = {"int": pa.int64(), "float": pa.float64(), "str": pa.string()}
+
+
+def knob_columns(cls) -> dict:
+    """Column → Arrow type of a LockSpec / Schedule class, from its fields' metadata (knobs.py)."""
+    return {m["column"]: _ARROW[m["kind"]] for _, m in knobs(cls)}
+
+
+# The trials.parquet contract, column → Arrow type (`pa.schema(TRIAL_COLUMNS)` is the file's schema). The lock
+# columns (importance, lock_mode, lock_value) and the schedule columns (ft_epochs, ft_lr, ft_data_fraction, ft_scope,
+# seed, then any knob added to Schedule) come from the fields of LockSpec and Schedule.
 TRIAL_COLUMNS = {
     "trial_id": pa.string(), "dataset": pa.string(), "arch": pa.string(), "num_classes": pa.int64(),
-    "importance": pa.string(), "lock_mode": pa.string(), "lock_value": pa.float64(),
-    "locked_channels": pa.int64(), "total_channels": pa.int64(),
-    "ft_epochs": pa.int64(), "ft_lr": pa.float64(), "ft_data_fraction": pa.float64(), "ft_scope": pa.string(),
-    "seed": pa.int64(), "base_acc": pa.float64(), "prun_acc": pa.float64(), "fine_acc": pa.float64(),
+    **knob_columns(LockSpec), "locked_channels": pa.int64(), "total_channels": pa.int64(), **knob_columns(Schedule),
+    "base_acc": pa.float64(), "prun_acc": pa.float64(), "fine_acc": pa.float64(),
     "fine_top3": pa.float64(), "params": pa.int64(), "flops": pa.int64(), "status": pa.string(),
     "seconds": pa.float64(), "git_sha": pa.string(), "config_hash": pa.string(),
 }
@@ -36,7 +45,9 @@ TRIAL_COLUMNS = {
 STATUSES = ("ok", "unlockable", "error", "degenerate")
 ACCURACIES = ("base_acc", "prun_acc", "fine_acc", "fine_top3")
 # A grid point: the columns that, with the seed, make one trial. Two rows of one grid point would count a seed twice.
-GRID = ("importance", "lock_mode", "lock_value", "ft_epochs", "ft_lr", "ft_data_fraction", "ft_scope", "seed")
+GRID = (*knob_columns(LockSpec), *knob_columns(Schedule))
+# Of those, the ones every trials.parquet has (a knob added later may be absent from an older file: its default).
+GRID_REQUIRED = tuple(m["column"] for cls in (LockSpec, Schedule) for _, m in knobs(cls) if m["id_always"])
 # What a finished (ok) trial must carry, finite.
 OK_REQUIRED = ("prun_acc", "fine_acc")
 REWRITE_TRIALS = "re-run `gradauth sweep CONFIG` (or `--resume`) to rewrite it"
@@ -151,8 +162,8 @@ def _check_rows(df: pd.DataFrame, bad) -> None:
         few = n.notna() & (n < 2)
         if few.any():
             raise bad(f"num_classes below 2 in trial(s) {_where(df, few)}")
-    if len(grid) == len(GRID):
-        twice = df.duplicated(list(GRID), keep=False)
+    if set(GRID_REQUIRED) <= set(grid):
+        twice = df.duplicated(grid, keep=False)
         if twice.any():
             raise bad(f"trials {_where(df, twice)} are the same grid point and seed (a seed would count twice)")
 
@@ -171,6 +182,18 @@ def _acc(x) -> bool:
     return _num(x) and 0 <= x <= 1
 
 
+_KIND_OK = {"int": _int, "float": _num, "str": lambda v: isinstance(v, str)}
+# levels.json's `schedule`: Schedule's grouping knobs by field name (knobs.schedule_dict); the original ones must be
+# there, a knob added later may be absent (an older file: its default), and each present one has its field's type.
+_SCHEDULE_KNOBS = [(f.name, m) for f, m in knobs(Schedule) if m["group"]]
+_SCHEDULE_KEYS = [name for name, m in _SCHEDULE_KNOBS if m["id_always"]]
+
+
+def _schedule_ok(v) -> bool:
+    return isinstance(v, dict) and all(k in v for k in _SCHEDULE_KEYS) and all(
+        _KIND_OK[m["kind"]](v[name]) for name, m in _SCHEDULE_KNOBS if name in v)
+
+
 # key → (check, what it must be); required keys of every level, then optional ones checked when present
 LEVEL_REQUIRED = {
     "level": (_int, "a whole number"), "fine_acc": (_acc, "an accuracy in [0, 1]"),
@@ -179,9 +202,7 @@ LEVEL_REQUIRED = {
     "lock_mode": (lambda v: isinstance(v, str) and v, "a lock mode"), "lock_value": (_num, "a number"),
     "fine_acc_std": (lambda v: _num(v) and v >= 0, "a std ≥ 0"),
     "prun_acc": (lambda v: v is None or _acc(v), "an accuracy in [0, 1]"),
-    "schedule": (lambda v: isinstance(v, dict) and _int(v.get("epochs")) and _num(v.get("lr"))
-                 and _num(v.get("data_fraction")) and isinstance(v.get("scope"), str),
-                 "{epochs, lr, data_fraction, scope}"),
+    "schedule": (lambda v: _schedule_ok(v), "{" + ", ".join(_SCHEDULE_KEYS) + "}"),
 }
 LEVEL_OPTIONAL = {
     "importance": (lambda v: isinstance(v, str) and v, "an importance name"),

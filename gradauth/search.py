@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import GradauthError
+from .knobs import to_row
 from .trial import TrialSpec
 
 PHASES = ("curve", "level", "thief")
@@ -877,10 +878,8 @@ class Planner:
         out = []
         for key, o in self.obs.items():
             if o["phase"] == "level":
-                s = o["spec"]
-                out.append({**o["row"], "trial_id": key, "importance": s["importance"], "lock_mode": s["lock_mode"],
-                            "lock_value": s["lock_value"], "ft_epochs": s["epochs"], "ft_lr": s["lr"],
-                            "ft_data_fraction": s["data_fraction"], "ft_scope": s["scope"], "seed": s["seed"]})
+                t = TrialSpec(**o["spec"])  # its lock and schedule columns come from their fields (knobs.py)
+                out.append({**o["row"], "trial_id": key, **to_row(t.lock), **to_row(t.schedule)})
         return out
 
 

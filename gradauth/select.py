@@ -21,14 +21,19 @@ import pandas as pd
 
 from .errors import GradauthError
 from .fsutil import write_json
-from .schema import TRIAL_COLUMNS, file_sha256, read_trials
+from .knobs import LockSpec, Schedule, column_kinds, columns, fill_defaults, from_row, lock_label, schedule_dict
+from .knobs import schedule_label  # noqa: F401  (re-exported: report and others import the labels from here)
+from .schema import GRID_REQUIRED, TRIAL_COLUMNS, file_sha256, read_trials
 
 # TRIAL_COLUMNS (the trials.parquet contract) lives in schema.py; re-exported here for compatibility.
-# Seeds of one candidate differ only in these columns' complement.
-GROUP = ["importance", "lock_mode", "lock_value", "ft_epochs", "ft_lr", "ft_data_fraction", "ft_scope"]
-SELECT_COLUMNS = ["trial_id", "num_classes", *GROUP, "locked_channels", "prun_acc", "fine_acc", "fine_top3", "status"]
-_NUMERIC = ["num_classes", "lock_value", "ft_epochs", "ft_lr", "ft_data_fraction", "locked_channels", "prun_acc",
-            "fine_acc", "fine_top3"]
+# A candidate is one lock and one schedule: its seeds differ only in the knobs outside GROUP (the seed). Both come
+# from the fields of LockSpec and Schedule (knobs.py), so a knob added to Schedule is a grouping key by itself.
+GROUP = [*columns(LockSpec), *columns(Schedule, group_only=True)]
+SELECT_COLUMNS = ["trial_id", "num_classes", *[c for c in GROUP if c in GRID_REQUIRED], "locked_channels", "prun_acc",
+                  "fine_acc", "fine_top3", "status"]
+_KINDS = column_kinds(LockSpec) | column_kinds(Schedule)
+_NUMERIC = ["num_classes", *[c for c in GROUP if _KINDS[c] != "str"], "locked_channels", "prun_acc", "fine_acc",
+            "fine_top3"]
 _EPS = 1e-9  # accuracies are ratios of counts: a gap of exactly min_gap must not fail on float rounding
 
 
@@ -59,19 +64,11 @@ def load_trials(path: str | os.PathLike, needed: list[str] = SELECT_COLUMNS) -> 
     return read_trials(path, needed)
 
 
-def lock_label(mode: str, value: float) -> str:
-    return f"rate {100 * value:g}%" if mode == "rate" else f"{mode} {value:g}"
-
-
-def schedule_label(s: dict) -> str:
-    return f"{s['epochs']} ep, lr {s['lr']:g}, {100 * s['data_fraction']:g}% data, {s['scope']}"
-
-
 def select_levels(trials: pd.DataFrame, levels: int = 3, min_gap: float = 0.05, max_locked_acc: float | None = None,
                   targets: list[float] | None = None) -> Selection:
     """Choose `levels` tiers from the trial rows (see the module docstring for the rules)."""
     missing_columns(trials, SELECT_COLUMNS, "the trials table")
-    df = trials.copy()
+    df = fill_defaults(fill_defaults(trials.copy(), LockSpec), Schedule)  # a knob newer than the file: its default
     df[_NUMERIC] = df[_NUMERIC].apply(pd.to_numeric)
     max_locked_acc = _check_settings(df, levels, min_gap, max_locked_acc, targets)
     settings = {"levels": int(levels), "min_gap": float(min_gap), "max_locked_acc": max_locked_acc,
@@ -178,8 +175,7 @@ def _nearest(C: np.ndarray, f: np.ndarray, targets: list[float]) -> list[int]:
 def _level_dict(level: int, c: pd.Series) -> dict:
     r = lambda x: round(float(x), 6)  # means of test-set ratios: 6 digits is exact enough and reads cleanly
     return {"level": level, "lock_mode": c["lock_mode"], "lock_value": float(c["lock_value"]),
-            "schedule": {"epochs": int(c["ft_epochs"]), "lr": float(c["ft_lr"]),
-                         "data_fraction": float(c["ft_data_fraction"]), "scope": c["ft_scope"]},
+            "schedule": schedule_dict(from_row(Schedule, c)),
             "fine_acc": r(c["fine_acc"]), "fine_acc_std": r(c["fine_acc_std"]), "prun_acc": r(c["prun_acc"]),
             "trial_ids": list(c["trial_ids"]), "importance": c["importance"],
             "locked_channels": int(c["locked_channels"]), "fine_top3": r(c["fine_top3"]),

@@ -16,11 +16,8 @@ from .rows import FINISHED, PARTS, TRIALS_SCHEMA, read_parts, read_progress
 
 
 def _grid_size(cfg) -> int:
-    ft = cfg.finetune
-    n = len(cfg.importance) * len(cfg.lock.values)
-    for v in (ft.epochs, ft.lr, ft.data_fraction, ft.scope, ft.seeds):
-        n *= len(v)
-    return n
+    from .knobs import schedules  # the grid's schedule axes come from Schedule's fields (no torch imported)
+    return len(cfg.importance) * len(cfg.lock.values) * len(schedules(cfg.finetune))
 
 
 def sweep_status(out: Path) -> dict:

@@ -21,7 +21,8 @@ from test_release import build_tiny_sweep
 
 COLUMNS = ["target", "lock_importance", "lock_mode", "lock_value", "locked_channels", "init", "filters", "thief_init",
            "prun_acc",
-           "attacker_fraction", "attacker_images", "schedule", "ft_epochs", "ft_lr", "seed", "recovered_acc",
+           "attacker_fraction", "attacker_images", "schedule", "ft_epochs", "ft_lr", "ft_data_fraction", "ft_scope", "seed",
+           "recovered_acc",
            "recovered_top3", "level_accs", "best_level_reached", "same_masks_as", "seconds"]
 
 

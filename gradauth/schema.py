@@ -30,7 +30,12 @@ TRIAL_COLUMNS = {
     "seed": pa.int64(), "base_acc": pa.float64(), "prun_acc": pa.float64(), "fine_acc": pa.float64(),
     "fine_top3": pa.float64(), "params": pa.int64(), "flops": pa.int64(), "status": pa.string(),
     "seconds": pa.float64(), "git_sha": pa.string(), "config_hash": pa.string(),
+    "phase": pa.string(),
 }
+# What a trial was for: a grid point (`search.mode: grid`, and every row written before the column existed), or a
+# targeted search's level candidate or thief attack (search.py). Only grid and level rows are level candidates.
+PHASES = ("grid", "level", "thief")
+OPTIONAL = ("phase",)  # contract columns an older trials.parquet may lack (read as grid)
 # ok: fine-tuned; unlockable: locked accuracy above the bound, not fine-tuned; error: the trial failed;
 # degenerate: fine-tuned to a model that is no use (e.g. a lock that removes a whole layer).
 STATUSES = ("ok", "unlockable", "error", "degenerate")
@@ -118,6 +123,11 @@ def _check_rows(df: pd.DataFrame, bad) -> None:
         dup = ids.duplicated(keep=False)
         if dup.any():
             raise bad(f"duplicated trial_id(s) {', '.join(sorted(set(ids[dup])))[:200]} (each seed would count twice)")
+    if "phase" in df:
+        unknown = sorted({str(p) for p in df["phase"] if p is not None and not (isinstance(p, float) and math.isnan(p))
+                          and p not in PHASES})
+        if unknown:
+            raise bad(f"unknown phase {', '.join(unknown)[:100]} (expected one of {', '.join(PHASES)})")
     if "status" in df:
         unknown = sorted({str(s) for s in df["status"] if s not in STATUSES})
         if unknown:
@@ -262,5 +272,5 @@ def check_levels_current(doc: dict, levels_path: Path, trials_path: Path) -> Non
                             f"trials_sha256 differs): re-run `gradauth select {levels_path.parent}` first")
 
 
-__all__ = ["TRIAL_COLUMNS", "STATUSES", "read_trials", "read_levels", "file_sha256", "levels_current",
+__all__ = ["TRIAL_COLUMNS", "PHASES", "STATUSES", "read_trials", "read_levels", "file_sha256", "levels_current",
            "check_levels_current"]

@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 
 from .errors import GradauthError
 from .fsutil import atomic_path, write_text
-from .select import TRIAL_COLUMNS
+from .schema import WRITTEN_COLUMNS
 
-TRIALS_SCHEMA = pa.schema(list(TRIAL_COLUMNS.items()))  # the DESIGN.md contract, defined once in select.py
+TRIALS_SCHEMA = pa.schema(list(WRITTEN_COLUMNS.items()))  # the contract (schema.py) and the sweep's `phase` column
 PARTS = "trials.d"
 KEPT = "kept.parquet"        # in PARTS: the rows a `--resume` started with (from trials.parquet and earlier parts)
 PROGRESS = "progress.json"

@@ -379,6 +379,19 @@ def write_search(out_dir: Path, planner) -> dict:
     return summary
 
 
+def _saved_planner(exp_path: str):
+    """The planner in the newest searcher state Tune saved in a local experiment folder (JSON, never unpickled), or
+    None."""
+    from .search import Planner
+    if "://" in exp_path:
+        return None
+    files = sorted(Path(exp_path).glob("searcher-state-*"))  # Ray's names; the session timestamp sorts them
+    try:
+        return Planner.from_state(json.loads(files[-1].read_text())["planner"]) if files else None
+    except (OSError, ValueError, KeyError, TypeError, GradauthError):
+        return None
+
+
 def _targeted_done(out_dir: Path) -> dict[str, dict]:
     """Rows a targeted `--resume` keeps: level rows `ok` with their model file, thief rows `ok`, and `unlockable` or
     `degenerate` level rows (from trials.parquet and the parts a killed driver left)."""
@@ -458,6 +471,7 @@ def run_targeted(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = F
     if restore:
         print(f"[sweep] resuming {exp_path} (the searcher's state is restored with it)", file=sys.stderr)
         tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True)
+        last["planner"] = _saved_planner(exp_path) or planner  # search.json's figures if no trial is left to run
     else:
         if not cfg.sweep.storage and Path(exp_path).exists():
             shutil.rmtree(exp_path)  # a fresh experiment must not mix with an old one's trials

@@ -233,3 +233,31 @@ def test_a_killed_targeted_sweep_is_finished_by_resume_every_trial_once(tmp_path
     for lv in s["levels"]:
         assert f"[search] level {lv['level']}: target {lv['target']:.3f} {lv['status']}" in err
     assert main(["status", str(out)]) == 0
+
+
+# ------------------------------------------------------------------------------------------ bench search
+def test_bench_search_compares_grid_and_targeted_on_one_base(tmp_path, tiny_cfg):
+    """`gradauth bench search`'s per-config comparison on a shrunken pair (the quickstart and CIFAR pairs take
+    minutes to hours): both sides fine-tune the same base; the targeted side counts its curve tasks as trials."""
+    import ray
+    from gradauth.bench import bench_search_pair
+    grid = parse_config(tiny_cfg.to_dict() | {"sweep": tiny_cfg.to_dict()["sweep"] | {"lock_bound": 0.3},
+                                              "lock": {"mode": "rate", "values": [0.25, 0.35]}})
+    tgt = parse_config(grid.to_dict() | {"search": TARGETED})
+    try:
+        r = bench_search_pair("tiny", grid, tgt, tmp_path)
+    finally:
+        ray.shutdown()
+    g, t = r["grid"], r["targeted"]
+    assert g["trials"] == g["grid_points"] == 2 and g["trial_seconds"] > 0 and g["wall_s"] > 0
+    curve_tasks = t["trials"] - len(pd.read_parquet(tmp_path / "targeted" / "trials.parquet"))
+    assert curve_tasks in (1, 2)   # the lock-curve tasks count as trials (they are billed) but are no rows
+    assert t["seconds_by_phase"]["curve"] > 0 and set(t["thief"]) == {"0.1"}
+    assert r["targets"] == pytest.approx([r["base_acc"] - 0.03, r["base_acc"] - 0.18])
+    for side in (g, t):
+        assert [lv["target"] for lv in side["levels"]] == r["targets"]
+        assert side["all_within_tolerance"] == all(
+            lv["level"] is not None and abs(lv["level"] - lv["target"]) <= 0.03 + 1e-9 for lv in side["levels"])
+    assert r["trial_seconds_ratio"] == pytest.approx(t["trial_seconds"] / g["trial_seconds"])
+    assert json.loads((tmp_path / "grid" / "base.json").read_bytes()) == json.loads(
+        (tmp_path / "targeted" / "base.json").read_bytes())

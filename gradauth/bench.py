@@ -175,10 +175,10 @@ def bench_search_pair(name: str, grid_cfg, targeted_cfg, work: Path, base_from: 
     from .trial import grid
     out: dict = {"grid_config": grid_cfg.name, "targeted_config": targeted_cfg.name}
     g_dir, t_dir = work / "grid", work / "targeted"
-    for d in (g_dir, t_dir):
-        if base_from is not None:
-            _seed_base(base_from, d, grid_cfg)
+    if base_from is not None:
+        _seed_base(base_from, g_dir, grid_cfg)
     info = train_stage(grid_cfg, g_dir, resume=True)
+    t_dir.mkdir(parents=True, exist_ok=True)
     for f in ("base.pt", "base.json"):
         (t_dir / f).write_bytes((g_dir / f).read_bytes())
     base_acc = float(info["base_acc"])

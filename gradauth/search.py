@@ -267,7 +267,8 @@ class Planner:
         self.trials += 1
         self.seconds += float(row.get("seconds") or 0.0)
         keep = {k: _plain(v) for k, v in row.items() if k in _ROW_KEYS}
-        self.obs[key] = {"phase": p["phase"], "spec": p["spec"], "row": keep}
+        self.obs[key] = {"phase": p["phase"], "spec": p["spec"], "row": keep} | (
+            {"target": p["target"]} if "target" in p else {})   # the target it was proposed for (status counts)
         if p["phase"] == "level" and row.get("total_channels"):
             self.total_channels = int(row["total_channels"])
 
@@ -621,7 +622,7 @@ class Planner:
             nxt = self._next()
             if nxt is None:
                 break
-            self.pending[nxt["key"]] = {k: nxt[k] for k in ("phase", "spec", "values") if k in nxt}
+            self.pending[nxt["key"]] = {k: nxt[k] for k in ("phase", "spec", "values", "target") if k in nxt}
             out.append(self._config(nxt))
         return out
 
@@ -686,9 +687,13 @@ class Planner:
         stats = self._level_stats()
         done = self.finished()
         rows = []
+        spent = [0] * len(self.targets)   # level trials proposed for each target (finished, failed, in flight)
+        for o in (*self.obs.values(), *self.failed.values(), *self.pending.values()):
+            if isinstance(o.get("target"), int) and 0 <= o["target"] < len(spent):
+                spent[o["target"]] += 1
         for k, T in enumerate(self.targets):
             d = self.decide(k, stats)
-            r = {"level": k + 1, "target": T}
+            r = {"level": k + 1, "target": T, "trials": spent[k]}
             if d["do"] == "hit":
                 r |= {"status": "hit", "lock_value": d["v"], "schedule": list(d["sched"]), "fine_acc": d["mean"],
                       "fine_acc_std": d["std"], "seeds": d["seeds"]}

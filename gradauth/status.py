@@ -95,14 +95,16 @@ def search_lines(obj: dict) -> list[str]:
     state = "finished" if s["finished"] else "searching"
     out = [f"targeted search ({state}): {int(s['trials'])} trials, {s['trial_seconds']:.0f} trial-seconds"]
     for lv in s["levels"]:
+        t = lv.get("trials")
+        n = f"  {int(t)} trials" if isinstance(t, int) and not isinstance(t, bool) else ""
         if lv["status"] == "hit":
             best = f"{lv['fine_acc']:.3f} over {int(lv['seeds'])} seed(s), lock {lv.get('lock_value')}"
             extra = ""
             if "sellable" in lv:
                 extra = f", {'sellable' if lv['sellable'] else 'NOT sellable'} ({lv['margin_over_thief']:+.3f} over the thief)"
-            out.append(f"  level {int(lv['level'])}: target {lv['target']:.3f}  best {best}  hit{extra}")
+            out.append(f"  level {int(lv['level'])}: target {lv['target']:.3f}  best {best}{n}  hit{extra}")
         else:
-            out.append(f"  level {int(lv['level'])}: target {lv['target']:.3f}  {lv['status']}: {lv.get('why', '')}")
+            out.append(f"  level {int(lv['level'])}: target {lv['target']:.3f}{n}  {lv['status']}: {lv.get('why', '')}")
     return out
 
 

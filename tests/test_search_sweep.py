@@ -140,7 +140,7 @@ def test_status_shows_the_search_progress_toward_each_target(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[1] == "targeted search (searching): 1 trials, 1 trial-seconds"
     assert [ln.split(":")[0].strip() for ln in out[2:5]] == ["level 1", "level 2", "level 3"]
-    assert all("searching: in progress" in ln for ln in out[2:5])
+    assert all("0 trials  searching: in progress" in ln for ln in out[2:5])
     assert f"target {p.targets[0]:.3f}" in out[2]
     saved = json.loads((tmp_path / "search.json").read_text())
     assert saved["curve"] and all(c["prun_acc"] <= 1 for c in saved["curve"])
@@ -152,6 +152,7 @@ def test_status_shows_the_search_progress_toward_each_target(tmp_path, capsys):
     assert out[1].startswith(f"targeted search (finished): {s['trials']} trials")
     for lv, line in zip(s["levels"], out[2:5]):
         assert line.startswith(f"  level {lv['level']}: target {lv['target']:.3f}  best {lv['fine_acc']:.3f} over 2 seed(s)")
+        assert f"  {lv['trials']} trials  hit" in line and lv["trials"] >= 2
         assert (" hit, sellable" if lv["sellable"] else " hit, NOT sellable") in line
     assert read_search(tmp_path)["summary"]["all_hit"]
 

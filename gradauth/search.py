@@ -47,7 +47,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 from .config import SearchConfig, ThiefBudget  # noqa: F401 (re-exported)

@@ -798,8 +798,9 @@ class TargetedSearcher(_searcher_base()):
             return
         if error or not result:
             self.planner.fail(key, "error")
-        elif "curve" in result:
-            self.planner.observe_curve(key, result["curve"], result.get("seconds", 0.0))
+        elif "curve" in result or "curve_json" in result:
+            pts = result["curve"] if "curve" in result else json.loads(result["curve_json"])
+            self.planner.observe_curve(key, pts, result.get("seconds", 0.0))
         elif result.get("row_complete"):
             self.planner.observe(key, result)
         else:

@@ -119,8 +119,8 @@ def _search_trainable(config: dict, ctx: TrialContext, threads: int, gpu_fractio
     device = pick_device()
     cap_gpu_memory(device, gpu_fraction)
     result, model, masks = search_trial(ctx, config, device, ds=_device_data(ctx, device))
-    if config["phase"] == "curve":
-        tune.report(result)
+    if config["phase"] == "curve":  # as text: Tune's loggers take scalars (a list makes a warning per task)
+        tune.report({"curve_json": json.dumps(result["curve"]), "seconds": result["seconds"]})
         return
     data = to_bytes(model.cpu(), ctx.spec, masks) if model is not None else None
     _report(result | {"trial_id": name, "row_complete": True}, model_bytes=data)

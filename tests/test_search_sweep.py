@@ -262,3 +262,16 @@ def test_bench_search_compares_grid_and_targeted_on_one_base(tmp_path, tiny_cfg)
     assert r["trial_seconds_ratio"] == pytest.approx(t["trial_seconds"] / g["trial_seconds"])
     assert json.loads((tmp_path / "grid" / "base.json").read_bytes()) == json.loads(
         (tmp_path / "targeted" / "base.json").read_bytes())
+
+
+def test_the_searcher_takes_a_curve_reported_as_json_text():
+    """The sweep's trainable reports a curve task's points as JSON text (Tune's loggers take scalars); the searcher
+    observes them as it does a list."""
+    from gradauth.search import TargetedSearcher
+    p, o, _ = _planner_run()
+    s = TargetedSearcher(p)
+    cfg = s.suggest("t1")
+    assert cfg["phase"] == "curve"
+    pts, secs = o.curve(cfg["curve"]["values"])
+    s.on_trial_complete("t1", {"curve_json": json.dumps(pts), "seconds": secs})
+    assert sorted(p.curve) == sorted(p._q(v) for v in cfg["curve"]["values"]) and p.trials == 1 and not p.pending

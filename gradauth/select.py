@@ -46,7 +46,7 @@ class Selection:
     settings: dict = field(default_factory=dict)
 
     def to_json(self, experiment: str) -> dict:
-        """The levels.json object of DESIGN.md (plus `settings`, so a report can show what was asked)."""
+        """The levels.json object (docs/design.md, "levels.json"), `settings` included so a report shows what was asked."""
         return {"experiment": experiment, "method": self.method, "levels": self.levels,
                 "rejected": self.rejected, "settings": self.settings}
 

@@ -155,3 +155,92 @@ def test_without_thief_rows_the_public_lock_is_the_union_of_the_levels():
     assert c["chosen_by"] == "levels_union" and c["why"].startswith("no thief trials")
     only_public = table(levels_table() + [thief(0.05, 0.6, 0.08)])
     assert "from-scratch" in choose_public(only_public, bound=0.2)["why"]
+
+
+# ---- end to end on a tiny run ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def thief_run(tmp_path_factory):
+    """A tiny sweep (3 locks, 2 seeds, 3 epochs) plus real thief trials as the search runs them (search_trial):
+    from scratch and from the public model at two of the levels' locks, on 5 % and 10 % of the labels."""
+    import torch
+    from gradauth.pipeline import read_config, trial_context
+    from gradauth.search import search_trial
+    from gradauth.sweep import write_trials as write_rows
+    from gradauth.trial import TrialSpec, spec_to_dict
+    from test_release import build_tiny_sweep
+    out = build_tiny_sweep(tmp_path_factory.mktemp("thief"), [(0.2, 3), (0.3, 3), (0.4, 3)])
+    (out / "config.yaml").is_file() or pytest.skip("build_tiny_sweep writes no config")
+    ctx = trial_context(read_config(out), out)
+    rows = read_trials(out / "trials.parquet").to_dict("records")
+    for f in (0.05, 0.1):
+        for imp, mode, v in [("scratch", "none", 0.0), ("bn_gamma", "rate", 0.3), ("bn_gamma", "rate", 0.4)]:
+            spec = TrialSpec(imp, mode, v, 8, 0.01, f, "all", 0)
+            row, _, _ = search_trial(ctx, {"phase": "thief", "trial": spec_to_dict(spec)}, torch.device("cpu"))
+            rows.append(row)
+    write_rows(rows, out / "trials.parquet")
+    return out
+
+
+def test_end_to_end_select_release_report_attack_with_thief_trials(thief_run, capsys):
+    import io
+    import contextlib
+    from gradauth import release as rel
+    from gradauth.attack import run_attack
+    from gradauth.checkpoint import from_bytes, load_model_file, rebuild
+    from gradauth.data import load_dataset
+    from gradauth.pipeline import read_config
+    from gradauth.report import write_report
+    out = thief_run
+    trials = read_trials(out / "trials.parquet")
+    th = trials[thief_rows(trials)]
+    assert len(th) == 6 and th["status"].eq("ok").all()
+    best = float(th["fine_acc"].max())
+    # select: every level beats the best thief by min_gap, and says by how much
+    s = select_dir(out, levels=1, min_gap=0.05)
+    doc = json.loads((out / "levels.json").read_text())
+    assert doc["thief"]["best_acc"] == pytest.approx(best, abs=1e-6)
+    for lv in doc["levels"]:
+        assert lv["thief_margin"] == pytest.approx(lv["fine_acc"] - best, abs=1e-6) and lv["thief_margin"] >= 0.05
+    assert not set(th["trial_id"]) & {t for lv in doc["levels"] for t in lv["trial_ids"]}
+    assert "over best thief" in capsys.readouterr().out
+    # release: the public lock is the thief-chosen one, the model is what the thief trials started from
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        final = rel.release_dir(out)
+    manifest = json.loads((final / "manifest.json").read_text())
+    lk = manifest["locked"]
+    cfg = read_config(out)
+    choice = choose_public(trials, 0.2)
+    assert lk["chosen_by"] == "thief" and (lk["lock_mode"], lk["lock_value"]) == ("rate", choice["lock_value"])
+    started = th[(th["importance"] == "bn_gamma") & (th["lock_value"] == choice["lock_value"])]["prun_acc"]
+    assert lk["test_acc"] == pytest.approx(float(started.iloc[0]), abs=1e-9) and lk["test_acc"] <= 0.2
+    assert lk["locked_channels"] == int(started.index.map(lambda i: trials.loc[i, "locked_channels"])[0])
+    assert manifest["thief"]["by_fraction"] == choice["by_fraction"]
+    assert [r["fraction"] for r in manifest["thief"]["by_fraction"]] == [0.05, 0.1]
+    # the level packs are today's: each opens to the compacted model of the sweep's seed trial
+    keys = dict(__import__("re").findall(r"^level (\d+) .* key (\S+)$", printed.getvalue(), __import__("re").M))
+    ds = load_dataset(cfg.data, cfg.seed)
+    for lv, row, path in rel.chosen_trials(out, doc):
+        plain, _ = rel._level_pack(lv, row, path, ds, doc["experiment"])
+        got = from_bytes(rel.unlock_bytes(final, lv["level"], keys[str(lv["level"])]), "pack")
+        want = from_bytes(plain, "today's pack")
+        assert got.keys() == want.keys()
+        a, b = rebuild(got)[0].state_dict(), rebuild(want)[0].state_dict()
+        assert a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a)
+    # report: the sellable column, the thief table and its plot
+    md = write_report(out).read_text()
+    assert "Sellable (over best thief)" in md and "| yes (+" in md and "## Thieves" in md
+    assert (out / "plots" / "thieves.png").stat().st_size > 1000
+    # attack: public (the released lock) and scratch at every fraction, head start per fraction in attack.md
+    df = run_attack(out, fractions=(0.05, 0.1), compare=False)
+    pub = df[df["target"] == "public"]
+    assert set(pub["lock_value"]) == {choice["lock_value"]}
+    for f in (0.05, 0.1):
+        assert {"public", "scratch"} <= set(df.loc[df["attacker_fraction"] == f, "target"])
+    text = (out / "attack.md").read_text()
+    assert "## Head start" in text and "| 5% |" in text and "| 10% |" in text
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+    return torch.equal(a, b)

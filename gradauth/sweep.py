@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from . import registry
 from .checkpoint import from_bytes, to_bytes
 from .config import Config
 from .engine import pick_device
@@ -63,12 +64,15 @@ def cap_gpu_memory(device: torch.device, fraction: float) -> float | None:
 
 
 def tune_trainable(config: dict, ctx: TrialContext, threads: int = 1, checkpoint_every: int = 1,
-                   checkpoint_min_s: float = 0.0, gpu_fraction: float = 0.0, finished: dict | None = None) -> None:
+                   checkpoint_min_s: float = 0.0, gpu_fraction: float = 0.0, finished: dict | None = None,
+                   plugins=None) -> None:
     """The Ray Tune function trainable: restore, run the plain trial, report the row (and the model) at the end.
 
     `finished` holds the rows the driver already has on disk (a `--resume`): a trial among them (Tune's last
-    snapshot missed its end) re-reports its row at once instead of training again."""
+    snapshot missed its end) re-reports its row at once instead of training again. `plugins`: the driver's
+    registered models/datasets/criteria (registry.py), loaded once per worker before anything is built."""
     from ray import tune
+    registry.restore(plugins)
     t = TrialSpec(**config["trial"])
     if finished and t.trial_id in finished:
         tune.report(dict(finished[t.trial_id]) | {"epoch": t.epochs, "row_complete": True, "rereported": True})
@@ -119,7 +123,29 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     local = address == "local"
     ray.init(address=address, num_cpus=num_cpus if local else None, include_dashboard=False if local else None,
              log_to_driver=True)
+    if local:
+        _watch_local_ray()
     return local
+
+
+_WATCHDOG: list = []  # the watchdog of the local instance this process started (kept referenced)
+
+
+def _watch_local_ray() -> None:
+    """Own the private instance's lifetime: a watchdog kills what this process's Ray leaves behind if it is killed
+    (raywatch.py). Only the processes this `ray.init` started are ever watched."""
+    from . import raywatch
+    try:
+        from ray._private import worker  # private, but Ray is pinned exactly (pyproject.toml)
+        procs = worker._global_node.all_processes
+        roots = [info.process.pid for infos in procs.values() for info in infos if info.process is not None]
+    except Exception as e:  # an upgrade moved it: run without, and say so
+        print(f"[sweep] cannot watch the local Ray's processes ({type(e).__name__}): if this driver is killed, "
+              "stop them with `ray stop`", file=sys.stderr)
+        return
+    watchdog = raywatch.spawn(roots)
+    if watchdog is not None:
+        _WATCHDOG.append(watchdog)
 
 
 def started_local_ray() -> bool:
@@ -292,7 +318,8 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, ctx=ctx, threads=max(1, int(cpu)), checkpoint_every=cfg.sweep.checkpoint_every,
                              checkpoint_min_s=cfg.sweep.checkpoint_min_s, gpu_fraction=resources["gpu"],
-                             finished={t: done[t] for t in started_for & set(done)} if restore else None),
+                             finished={t: done[t] for t in started_for & set(done)} if restore else None,
+                             plugins=registry.snapshot()),
         resources)
     if restore:
         print(f"[sweep] resuming {exp_path}", file=sys.stderr)

@@ -380,7 +380,7 @@ def _thief_lock_masks(out: Path, choice: dict) -> Masks:
         raise GradauthError(f"the thief trials' lock uses importance {choice['importance']!r}, which config.yaml does "
                             f"not define: re-run the sweep with this config")
     base, _, _ = rebuild(load_model_file(out / "base.pt"))
-    ds = load_dataset(cfg.data, cfg.seed) if imp.name != "bn_gamma" else None
+    ds = load_dataset(cfg.data, cfg.seed)  # a criterion may read the data (slice, plugins)
     masks = lock_masks(get_importance(imp)(base, ds), choice["lock_mode"], choice["lock_value"])
     n = count_removed(masks)[0]
     if n != choice["locked_channels"]:

@@ -266,3 +266,15 @@ def test_without_thief_trials_release_locks_the_union_and_says_so(thief_run):
 def torch_equal(a, b) -> bool:
     import torch
     return torch.equal(a, b)
+
+
+def test_cli_select_refuses_in_one_line_when_the_thief_leaves_too_few_levels(tmp_path, capsys):
+    from gradauth.cli import main
+    write_trials(table(levels_table() + thieves()), tmp_path / "trials.parquet")
+    assert main(["select", str(tmp_path), "--levels", "3", "--min-gap", "0.05"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "has no config.yaml" not in ln]  # bare-select note
+    assert len(err) == 1 and "best thief (0.720" in err[0] and "--levels" in err[0]
+    assert not (tmp_path / "levels.json").exists()
+    assert main(["select", str(tmp_path), "--levels", "2", "--min-gap", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "over best thief" in out and "+0.230" in out and "best thief without a key: 0.720" in out

@@ -84,7 +84,7 @@ class Settings:
     samples: int = 100          # per attack (and ε): at most this many inputs attacked
     seconds: float = 120.0      # per attack (and ε): no new batch after this
     features: str = "channel"
-    theta: float = 0.0
+    theta: float = 0.3          # NNSlicer's θ; at θ = 0 the slice gives the criterion class away (see detect.md)
     seed: int = 0
     batch: int = 32
     trees: int = 100            # forest size

@@ -120,3 +120,18 @@ def test_parse_attacks():
     assert parse_attacks("fgsm:0.1,0.2; DeepFool-L2") == [("FGSM", 0.1), ("FGSM", 0.2), ("DeepFool-L2", None)]
     with pytest.raises(GradauthError):
         parse_attacks(";")
+
+
+@pytest.mark.ray
+def test_ray_slice_features_equal_single_process(trained):
+    """The per-input slice vectors from Ray tasks (forward actor + backward tasks) equal the single-process ones."""
+    from gradauth.detect import slice_features
+    from gradauth.slicing.distributed import local_cluster
+    cfg, ds, model = trained
+    prof = profile_inputs(ds)
+    x = (ds.test.x[:40].float() / 255 - torch.tensor(ds.mean).view(1, -1, 1, 1)) / torch.tensor(ds.std).view(1, -1, 1, 1)
+    f1, p1 = slice_features(model, prof, x, 0.3, "channel", batch=16)
+    with local_cluster(2):
+        f2, p2 = slice_features(model, prof, x, 0.3, "channel", batch=16)
+    assert f1.shape == f2.shape and f1.shape[0] == 40 and np.array_equal(f1, f2) and np.array_equal(p1, p2)
+    assert f1.sum() > 0

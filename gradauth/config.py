@@ -1,119 +1,243 @@
 """Experiment config: one YAML per experiment in `sweeps/`, parsed into dataclasses.
 
-Every field has a docstring-style comment; `load_config` refuses unknown keys and collects *every* problem before
-raising once, so a user fixes a config in one pass. The resolved config is written beside every output
-(`config.yaml`) and checkpoints carry it too, so any result can be explained from its own folder.
+Every field carries its rule as metadata (`Rule`: type, range, choices, extra check), and `parse_config` checks
+every field against it before anything runs: unknown keys, wrong types (a boolean given as the string 'no', a
+fractional epoch count, a number given as text), out-of-range values, NaN and infinity, and names outside their
+choices. `load_config` also refuses duplicate YAML keys, files that are not UTF-8 text, directories and empty files.
+Every problem is collected and raised once, in one `GradauthError`, so a user fixes a config in one pass. Choices
+come from one place each: the tuples below, and for datasets, architectures and importance criteria the registries
+(`gradauth/registry.py`), read when checking. Each importance criterion declares its own settings (a dataclass of
+`setting(...)` fields) that the config checks and passes to it. The resolved config is written beside every output (`config.yaml`) and checkpoints
+carry it too, so any result can be explained from its own folder.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
+import math
+import re
+import stat
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from .errors import GradauthError
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 SCOPES = ("all", "bn", "head")
-IMPORTANCES = ("bn_gamma", "slice")
+PRECISIONS = ("auto", "fp32", "bf16")
+SCHEDULES = ("cosine", "step")
+LOCK_MODES = ("rate", "threshold")
+INT_MAX = 2**31 - 1              # any count beyond this is a typo (and would overflow torch's int64 index arithmetic)
+SEED_MAX = 2**32 - 1            # numpy's limit; trial generators multiply seeds, so keep them well inside int64
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one config field accepts. `parse_config` reads these; nothing else encodes a field's type or range."""
+    kind: str                       # int | float | bool | str | resources ({cpu, gpu} per trial) | settings (an importance
+                                    # criterion's own dataclass: its fields' rules check it, see _importance)
+    many: bool = False              # a list of `kind` (one bare value is read as a one-item list)
+    optional: bool = False          # null allowed (it means the default the field's comment describes)
+    lo: float | None = None         # range: lo ≤ v (lo < v with lo_open), v ≤ hi (v < hi with hi_open)
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: tuple | Callable[[], Iterable[str]] | None = None  # allowed strings, or a function returning them
+    check: Callable[[Any], str | None] | None = None  # further test of one value: what is wrong with it, or None
+    empty: str | None = None        # lists: refuse [] with this fix
+    unique: bool = False            # lists: no value twice (a grid value twice would run and count a trial twice)
+
+    def choice_list(self) -> tuple:
+        return tuple(self.choices() if callable(self.choices) else self.choices)
+
+
+def opt(default, kind: str, **rule) -> Any:
+    """A dataclass field with its `Rule` as metadata (lists and mappings get a fresh copy per instance)."""
+    meta = {"rule": Rule(kind, **rule)}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+setting = opt  # exported as gradauth.setting: a field of an importance criterion's settings dataclass
+
+
+def _registered(kind: str) -> Callable[[], tuple]:
+    def choices() -> tuple:
+        from . import registry  # the built-ins' modules (torch) load only when a config is checked
+        return registry.names(kind)
+    return choices
+
+
+def _arch_problem(arch: str) -> str | None:
+    from .models import arch_problem  # torch is imported only when a config names an arch
+    return arch_problem(arch)
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _name_problem(name: str) -> str | None:
+    if not _NAME.fullmatch(name):
+        return (f"{name!r} is not a plain name: it names the output folder results/<name>, so use letters, digits, "
+                f"'.', '_' and '-' (not starting with '.' or '-'), at most 100")
+    return None
+
+
+FRACTION = dict(lo=0, hi=1)
 
 
 @dataclass
 class DataConfig:
-    name: str = "digits"            # digits (ships with scikit-learn) | cifar10 | cifar100 | imagefolder
-    root: str | None = None         # dataset folder; default $GRADAUTH_DATA/<name>; digits needs none
-    download: bool = False          # let torchvision download CIFAR into root
-    val_fraction: float = 0.1       # held out of the train split (seeded), for monitoring
-    test_fraction: float = 0.3      # digits only: it has no official test split
-    train_subset: int | None = None  # use only the first N (seeded shuffle) train images: CPU-sized runs
-    test_subset: int | None = None   # likewise for the test split
-    image_size: int = 32            # imagefolder only: images are resized to this square
-    crop_pad: int = 4               # random-crop padding in pixels (0 = off)
-    flip: bool = True               # random horizontal flip (off for digits: a mirrored 3 is not a 3)
+    name: str = opt("digits", "str", choices=_registered("dataset"))  # digits (ships with scikit-learn) | cifar10 | cifar100 | imagefolder | any registered
+    root: str | None = opt(None, "str", optional=True)  # dataset folder; default $GRADAUTH_DATA/<name>; digits needs none
+    download: bool = opt(False, "bool")                 # let torchvision download CIFAR into root
+    val_fraction: float = opt(0.1, "float", lo=0, hi=1, hi_open=True)  # held out of the train split (seeded), for monitoring
+    test_fraction: float = opt(0.3, "float", lo=0, hi=1, lo_open=True, hi_open=True)  # digits only: it has no official test split
+    train_subset: int | None = opt(None, "int", optional=True, lo=1)  # use only the first N (seeded shuffle) train images: CPU-sized runs
+    test_subset: int | None = opt(None, "int", optional=True, lo=1)   # likewise for the test split
+    image_size: int = opt(32, "int", lo=1)              # imagefolder only: images are resized to this square
+    crop_pad: int = opt(4, "int", lo=0)                 # random-crop padding in pixels (0 = off)
+    flip: bool = opt(True, "bool")                      # random horizontal flip (off for digits: a mirrored 3 is not a 3)
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "vgg_tiny"          # vgg_tiny | vgg11/16/19 | resnet20/56 | densenet40 | torchvision:<name>
-    width: float = 1.0              # channel multiplier: 0.5 halves every layer (CPU-sized runs)
+    arch: str = opt("vgg_tiny", "str", check=_arch_problem)  # vgg_tiny | vgg11/16/19 | resnet20/56 | densenet40 | torchvision:<name> | any registered
+    width: float = opt(1.0, "float", lo=0, lo_open=True)     # channel multiplier: 0.5 halves every layer (CPU-sized runs)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    batch_size: int = 64
-    schedule: str = "cosine"        # cosine | step (÷10 at 50 % and 75 % of the epochs)
-    sparsity: float = 1e-4          # λ of network slimming: λ·sign(γ) added to every BN γ gradient
-    gamma_max: float = 1.0          # clamp γ to [0, gamma_max] after each step ("a" in the paper)
-    precision: str = "auto"         # auto (bf16 autocast + channels-last on a CUDA GPU with bf16, fp32 elsewhere) | fp32 | bf16
+    epochs: int = opt(30, "int", lo=1)
+    lr: float = opt(0.1, "float", lo=0, lo_open=True)
+    momentum: float = opt(0.9, "float", lo=0, hi=1, lo_open=True, hi_open=True)  # Nesterov SGD needs momentum > 0
+    weight_decay: float = opt(1e-4, "float", lo=0)
+    batch_size: int = opt(64, "int", lo=1)
+    schedule: str = opt("cosine", "str", choices=lambda: SCHEDULES)  # cosine | step (÷10 at 50 % and 75 % of the epochs)
+    sparsity: float = opt(1e-4, "float", lo=0)       # λ of network slimming: λ·sign(γ) added to every BN γ gradient
+    gamma_max: float = opt(1.0, "float", lo=0, lo_open=True)  # clamp γ to [0, gamma_max] after each step ("a" in the paper)
+    precision: str = opt("auto", "str", choices=lambda: PRECISIONS)  # auto (bf16 autocast + channels-last on a CUDA GPU with bf16, fp32 elsewhere) | fp32 | bf16
+
+
+DEFAULT_IMPORTANCE = "bn_gamma"
+
+# Before each criterion owned its settings, every importance entry carried slice's three, so a resolved bn_gamma entry
+# reads {name: bn_gamma, classes: null, theta: 0.0, samples: 256}, and the hashes of committed results include those
+# keys. bn_gamma keeps writing them, and accepts them back at exactly these values; nothing else uses this table.
+FROZEN_KEYS = {"bn_gamma": {"classes": None, "theta": 0.0, "samples": 256}}
+
+
+def _importance_entry(name: str):
+    from . import registry
+    return registry.importance(name)
+
+
+def _default_settings(name: str):
+    cls = _importance_entry(name).settings
+    return cls() if cls is not None else None
 
 
 @dataclass
 class ImportanceConfig:
-    name: str = "bn_gamma"          # bn_gamma (|γ|) | slice (NNSlicer contributions)
-    classes: list[int] | None = None  # slice only: slice from these classes (None: each input's predicted class)
-    theta: float = 0.0              # slice only: θ granularity filter
-    samples: int = 256              # slice only: inputs sliced
+    """One importance source: a registered criterion's name and its settings (an instance of the settings dataclass
+    the criterion registered, None if it has none). Settings read as attributes (`imp.samples`); assigning a new
+    `name` gives that criterion's default settings, so the two always belong together."""
+    name: str = opt(DEFAULT_IMPORTANCE, "str", choices=_registered("importance"))  # bn_gamma (|γ|) | slice (NNSlicer contributions) | any registered
+    settings: Any = opt(None, "settings", optional=True)  # checked by the criterion's own rules (its dataclass)
+
+    def __post_init__(self):
+        cls = _importance_entry(self.name).settings
+        if self.settings is None and cls is not None:
+            object.__setattr__(self, "settings", cls())
+        elif cls is None and self.settings is not None or cls is not None and not isinstance(self.settings, cls):
+            raise GradauthError(f"importance {self.name}: settings must be "
+                                f"{'None' if cls is None else cls.__name__}, got {self.settings!r}")
+
+    def _setting_names(self) -> tuple:
+        s = self.__dict__.get("settings")
+        return tuple(f.name for f in fields(s)) if s is not None else ()
+
+    def __getattr__(self, key):  # only for names that are not attributes: the criterion's settings
+        if key in self._setting_names():
+            return getattr(self.__dict__["settings"], key)
+        raise AttributeError(f"importance {self.__dict__.get('name')!r} has no setting {key!r}")
+
+    def __setattr__(self, key, value):
+        if key == "name" and "settings" in self.__dict__:
+            object.__setattr__(self, "name", value)
+            object.__setattr__(self, "settings", _default_settings(value))
+        elif key in ("name", "settings"):
+            object.__setattr__(self, key, value)
+        elif key in self._setting_names():
+            setattr(self.__dict__["settings"], key, value)
+        else:
+            raise AttributeError(f"importance {self.__dict__.get('name')!r} has no setting {key!r}")
 
     @property
     def label(self) -> str:
-        if self.name == "slice" and self.classes:
-            return "slice[" + ",".join(map(str, self.classes)) + "]"
-        return self.name
+        """How trial ids, tables and plots name this source (the criterion's `label`; default: its name)."""
+        entry = _importance_entry(self.name)
+        return entry.label(self.settings) if entry.label else self.name
+
+    def to_dict(self) -> dict:
+        own = dataclasses.asdict(self.settings) if self.settings is not None else {}
+        return {"name": self.name, **FROZEN_KEYS.get(self.name, {}), **own}
 
 
 @dataclass
 class LockConfig:
-    mode: str = "rate"              # rate: fraction of all BN channels | threshold: score above t
-    values: list[float] = field(default_factory=lambda: [0.1])
+    mode: str = opt("rate", "str", choices=lambda: LOCK_MODES)  # rate: fraction of all BN channels | threshold: score above t
+    values: list[float] = opt([0.1], "float", many=True, unique=True,
+                              empty="give at least one lock rate or threshold")
+
+
+GRID = "the search space needs at least one value"
 
 
 @dataclass
 class FinetuneConfig:
-    epochs: list[int] = field(default_factory=lambda: [3])
-    lr: list[float] = field(default_factory=lambda: [0.01])
-    data_fraction: list[float] = field(default_factory=lambda: [1.0])
-    scope: list[str] = field(default_factory=lambda: ["all"])
-    seeds: list[int] = field(default_factory=lambda: [0])
-    batch_size: int = 64
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    precision: str = "auto"         # as train.precision, for every fine-tune trial
+    epochs: list[int] = opt([3], "int", many=True, lo=0, unique=True, empty=GRID)
+    lr: list[float] = opt([0.01], "float", many=True, lo=0, lo_open=True, unique=True, empty=GRID)
+    data_fraction: list[float] = opt([1.0], "float", many=True, lo=0, hi=1, lo_open=True, unique=True, empty=GRID)
+    scope: list[str] = opt(["all"], "str", many=True, choices=lambda: SCOPES, unique=True, empty=GRID)
+    seeds: list[int] = opt([0], "int", many=True, lo=0, hi=SEED_MAX, unique=True, empty=GRID)
+    batch_size: int = opt(64, "int", lo=1)
+    momentum: float = opt(0.9, "float", lo=0, hi=1, lo_open=True, hi_open=True)
+    weight_decay: float = opt(1e-4, "float", lo=0)
+    precision: str = opt("auto", "str", choices=lambda: PRECISIONS)  # as train.precision, for every fine-tune trial
 
 
 @dataclass
 class SweepConfig:
-    resources: dict = field(default_factory=lambda: {"cpu": 1, "gpu": 0})  # per trial; gpu may be fractional
-    lock_bound: float | None = None  # locked accuracy above this: status unlockable (default chance + 0.1)
-    max_concurrent: int | None = None  # None: as many as resources allow
-    storage: str | None = None      # Tune storage_path (local, NFS, s3://, gs://); default <out>/ray
-    max_failures: int = 2           # retries of a trial whose worker died (resumes from its last checkpoint)
-    checkpoint_every: int = 1       # epochs between trial checkpoints (resume points if a worker dies) ...
-    checkpoint_min_s: float = 20.0  # ... but at most one per this many seconds: short epochs aren't worth a save
+    resources: dict = opt({"cpu": 1, "gpu": 0}, "resources")  # per trial; gpu may be fractional
+    lock_bound: float | None = opt(None, "float", optional=True, **FRACTION)  # locked accuracy above this: status unlockable (default chance + 0.1)
+    max_concurrent: int | None = opt(None, "int", optional=True, lo=1)  # None: as many as resources allow
+    storage: str | None = opt(None, "str", optional=True)  # Tune storage_path (local, NFS, s3://, gs://); default <out>/ray
+    max_failures: int = opt(2, "int", lo=-1)           # retries of a trial whose worker died (resumes from its last checkpoint); -1: forever
+    checkpoint_every: int = opt(1, "int", lo=1)        # epochs between trial checkpoints (resume points if a worker dies) ...
+    checkpoint_min_s: float = opt(20.0, "float", lo=0)  # ... but at most one per this many seconds: short epochs aren't worth a save
 
 
 @dataclass
 class SelectConfig:
-    levels: int = 3
-    min_gap: float = 0.05
-    targets: list[float] | None = None
-    max_locked_acc: float | None = None  # default chance + 0.1
+    levels: int = opt(3, "int", lo=1)
+    min_gap: float = opt(0.05, "float", lo=0, hi=1, hi_open=True)
+    targets: list[float] | None = opt(None, "float", many=True, optional=True, **FRACTION)
+    max_locked_acc: float | None = opt(None, "float", optional=True, **FRACTION)  # default chance + 0.1
 
 
 @dataclass
 class ReleaseConfig:
-    noise_init: bool = False        # public model: pruned channels re-initialised with noise instead of zeros
+    noise_init: bool = opt(False, "bool")  # public model: pruned channels re-initialised with noise instead of zeros
 
 
 @dataclass
 class Config:
-    name: str = "experiment"
-    seed: int = 0
+    name: str = opt("experiment", "str", check=_name_problem)
+    seed: int = opt(0, "int", lo=0, hi=SEED_MAX)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -126,7 +250,7 @@ class Config:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["importance"] = [dataclasses.asdict(i) for i in self.importance]
+        d["importance"] = [i.to_dict() for i in self.importance]
         return d
 
     def hash(self) -> str:
@@ -144,110 +268,392 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _build(cls, raw: Any, where: str, problems: list[str]):
-    """Dataclass from a mapping; unknown keys and wrong types are recorded in `problems`."""
+# ---- checking ------------------------------------------------------------------------------------------------
+
+_TYPE_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _range_text(r: Rule) -> str:
+    if r.lo is not None and r.hi is not None:
+        return f"in {'(' if r.lo_open else '['}{_fmt(r.lo)}, {_fmt(r.hi)}{')' if r.hi_open else ']'}"
+    if r.lo is not None:
+        return f"{'>' if r.lo_open else '≥'} {_fmt(r.lo)}"
+    return f"{'<' if r.hi_open else '≤'} {_fmt(r.hi)}"
+
+
+def _show(v: Any) -> str:
+    """A value as the message shows it: its repr, cut short (a whole pasted file must not become the line)."""
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _type_problem(v: Any, kind: str) -> str | None:
+    """Why `v` is not of `kind` (with the fix), or None. Booleans are not numbers and text is not a boolean."""
+    want = _TYPE_WORDS[kind]
+    if kind == "bool":
+        if isinstance(v, bool):
+            return None
+        if isinstance(v, str) and v.strip().lower() in ("yes", "no", "true", "false", "on", "off", "y", "n"):
+            return f"must be {want}, got the text {_show(v)}: write true or false without quotes"
+        return f"must be {want}, got {_show(v)}"
+    if kind == "str":
+        if isinstance(v, str):
+            return None if v.strip() else "is empty text: give a value or leave the key out"
+        return f"must be {want}, got {_show(v)}: put it in quotes if it is meant as text"
+    if isinstance(v, bool):
+        return f"must be {want}, got {_show(v)}"
+    if isinstance(v, str):
+        try:
+            float(v)
+            return f"must be {want}, got the text {_show(v)}: remove the quotes"
+        except ValueError:
+            return f"must be {want}, got {_show(v)}"
+    if kind == "int":
+        if isinstance(v, int):
+            return None
+        if isinstance(v, float) and math.isfinite(v) and v == int(v):
+            return f"must be {want}, got {_show(v)}: write {int(v)}"
+        return f"must be {want}, got {_show(v)}"
+    if not isinstance(v, (int, float)):
+        return f"must be {want}, got {_show(v)}"
+    if not math.isfinite(v):
+        return f"must be a finite number, got {_show(v)}"
+    return None
+
+
+def _value_problem(v: Any, r: Rule) -> str | None:
+    """What is wrong with one value under rule `r` (type, then range, choices, check), or None."""
+    problem = _type_problem(v, r.kind)
+    if problem:
+        return problem
+    if r.kind in ("int", "float"):
+        below = r.lo is not None and (v <= r.lo if r.lo_open else v < r.lo)
+        above = r.hi is not None and (v >= r.hi if r.hi_open else v > r.hi)
+        if below or above:
+            return f"must be {_range_text(r)}, got {v!r}"
+        if r.kind == "int" and r.hi is None and v > INT_MAX:
+            return f"must be ≤ {INT_MAX}, got {v!r}"
+    if r.choices is not None and v not in r.choice_list():
+        return f"{v!r} is not one of {', '.join(r.choice_list())}"
+    return r.check(v) if r.check else None
+
+
+def _resources_problems(v: Any, where: str) -> list[str]:
+    example = "e.g. {cpu: 1, gpu: 0.25}"
+    if not isinstance(v, dict) or set(v) - {"cpu", "gpu"}:
+        return [f"`{where}` must be a mapping with keys cpu and gpu, {example}"]
+    problems = []
+    for k, n in v.items():
+        p = _value_problem(n, Rule("float", lo=0))
+        if p:
+            problems.append(f"`{where}.{k}` {p}")
+        elif k == "gpu" and n > 1 and n != int(n):
+            problems.append(f"`{where}.gpu` {n!r}: more than one GPU per trial must be a whole number")
+    if not problems and not (v.get("cpu", 1) or v.get("gpu", 0)):  # a missing key means cpu 1, gpu 0 (sweep.py)
+        problems.append(f"`{where}` asks for no cpu and no gpu: a trial needs some, {example}")
+    return problems
+
+
+def check_field(value: Any, r: Rule, where: str, problems: list[str]) -> Any:
+    """`value` if it satisfies `r` (a bare value of a list field comes back as a one-item list), else None with every
+    problem recorded in `problems` as "`where` ..."."""
+    if value is None:
+        if r.optional:
+            return None
+        problems.append(f"`{where}` must not be null: give a value or leave the key out")
+        return None
+    if r.kind == "resources":
+        found = _resources_problems(value, where)
+        problems += found
+        return None if found else value
+    if not r.many:
+        p = _value_problem(value, r)
+        if p:
+            problems.append(f"`{where}` {p}")
+            return None
+        return value
+    values = value if isinstance(value, list) else [value]
+    if isinstance(value, dict):
+        problems.append(f"`{where}` must be a list, got a mapping")
+        return None
+    if not values and r.empty:
+        problems.append(f"`{where}` is empty: {r.empty}")
+        return None
+    before = len(problems)
+    for v in values:
+        p = _value_problem(v, r)
+        if p:
+            problems.append(f"`{where}` entry {p}")
+    if r.unique and len(problems) == before:
+        twice = sorted({repr(v) for i, v in enumerate(values) if v in values[:i]})
+        if twice:
+            problems.append(f"`{where}` lists {', '.join(twice)} more than once: give each value once")
+    return values if len(problems) == before else None
+
+
+def _build(cls, raw: Any, where: str, problems: list[str], bad: set[str]):
+    """Dataclass from a mapping, every field checked against its rule. Unknown keys and bad values are recorded in
+    `problems` (bad fields keep their defaults, listed in `bad`, so later checks can skip them)."""
     if raw is None:
         return cls()
     if not isinstance(raw, dict):
-        problems.append(f"`{where}` must be a mapping, got {type(raw).__name__}")
+        problems.append(f"`{where}` must be a mapping of settings, got {type(raw).__name__}")
+        bad.add(where)
         return cls()
-    names = {f.name for f in fields(cls)}
+    known = {f.name: f for f in fields(cls)}
     for k in raw:
-        if k not in names:
-            problems.append(f"unknown key `{where}.{k}` (known: {', '.join(sorted(names))})")
-    obj = cls(**{k: v for k, v in raw.items() if k in names})
-    for f in fields(cls):
-        v = getattr(obj, f.name)
-        if isinstance(f.default, (int, float)) and not isinstance(f.default, bool) and v is not None:
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                problems.append(f"`{where}.{f.name}` must be a number, got {v!r}")
-    return obj
+        if k not in known:
+            problems.append(f"unknown key `{where}.{k}` (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for k, v in raw.items():
+        if k in known:
+            before = len(problems)
+            checked = check_field(v, known[k].metadata["rule"], f"{where}.{k}", problems)
+            if len(problems) == before:
+                kwargs[k] = checked
+            else:
+                bad.add(f"{where}.{k}")
+    return cls(**kwargs)
 
 
-def _as_list(v):
-    return v if isinstance(v, list) else [v]
+NAME_RULE = next(f for f in fields(ImportanceConfig) if f.name == "name").metadata["rule"]
 
 
-def _importances(raw: Any, problems: list[str]) -> list[ImportanceConfig]:
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._,=+\[\]-]{0,99}")
+
+
+def _frozen_ok(name: str, key: str, value: Any) -> bool:
+    """A key of FROZEN_KEYS at exactly its written value (a resolved config.yaml read back)."""
+    frozen = FROZEN_KEYS.get(name, {})
+    if key not in frozen or isinstance(value, bool):
+        return False
+    return value is None if frozen[key] is None else (value is not None and value == frozen[key])
+
+
+def _importance(item: dict, where: str, problems: list[str], bad: set[str]) -> ImportanceConfig | None:
+    """One mapping entry: its name by the `name` rule, every other key by the named criterion's settings rules."""
+    from . import registry
+    name = item.get("name", DEFAULT_IMPORTANCE)
+    if "name" in item and check_field(name, NAME_RULE, f"{where}.name", problems) is None:
+        bad.add("importance")
+        return None
+    entry = registry.importance(name)
+    own = {f.name: f for f in fields(entry.settings)} if entry.settings is not None else {}
+    kwargs, before = {}, len(problems)
+    for k, v in item.items():
+        if k == "name" or (k not in own and _frozen_ok(name, k, v)):
+            continue
+        if k in own:
+            n = len(problems)
+            checked = check_field(v, own[k].metadata["rule"], f"{where}.{k}", problems)
+            if len(problems) == n:
+                kwargs[k] = checked
+            continue
+        owners = [e.name for e in registry.table("importance").values()
+                  if e.settings is not None and k in {f.name for f in fields(e.settings)}]
+        if owners:
+            problems.append(f"`{where}.{k}` applies to {', '.join(owners)} only, not {name}: remove it")
+        else:
+            known = ", ".join(["name", *own])
+            problems.append(f"unknown key `{where}.{k}` ({name} takes {known})")
+    if len(problems) > before:
+        bad.add("importance")
+        return None
+    try:
+        settings = entry.settings(**kwargs) if entry.settings is not None else None
+    except (TypeError, ValueError, GradauthError) as e:  # the criterion's own __post_init__ refused the combination
+        problems.append(f"`{where}` {name}: {e}")
+        bad.add("importance")
+        return None
+    return ImportanceConfig(name, settings)
+
+
+def _importances(raw: Any, problems: list[str], bad: set[str]) -> list[ImportanceConfig]:
+    if raw is None:
+        return [ImportanceConfig()]
+    items = raw if isinstance(raw, list) else [raw]
+    if not items:
+        problems.append(f"`importance` is empty: give at least one, e.g. {DEFAULT_IMPORTANCE}")
+        return [ImportanceConfig()]
     out = []
-    for item in _as_list(raw if raw is not None else "bn_gamma"):
-        imp = ImportanceConfig(name=item) if isinstance(item, str) else _build(ImportanceConfig, item, "importance", problems)
-        if imp.name not in IMPORTANCES:
-            problems.append(f"`importance` {imp.name!r} is not one of {', '.join(IMPORTANCES)}")
-        out.append(imp)
-    return out
+    for i, item in enumerate(items):
+        where = "importance" if len(items) == 1 else f"importance[{i}]"
+        if isinstance(item, str):  # a bare name: checked by the `name` field's own rule
+            before = len(problems)
+            check_field(item, NAME_RULE, where, problems)
+            if len(problems) > before:
+                bad.add("importance")
+                continue
+            out.append(ImportanceConfig(name=item))
+            continue
+        if not isinstance(item, dict):
+            problems.append(f"`{where}` must be a name ({', '.join(NAME_RULE.choice_list())}) or a mapping such as "
+                            f"{{name: slice, samples: 256}}, got {_show(item)}")
+            bad.add("importance")
+            continue
+        imp = _importance(item, where, problems, bad)
+        if imp is not None:
+            out.append(imp)
+    labels = []
+    for imp in out:
+        label = imp.label
+        if not isinstance(label, str) or not _LABEL.fullmatch(label):
+            problems.append(f"importance {imp.name}: its label {_show(label)} cannot name trials and files (letters, "
+                            f"digits and . _ , = + [ ] -, at most 100): fix the criterion's label function")
+            bad.add("importance")
+        labels.append(label)
+    twice = sorted({lb for j, lb in enumerate(labels) if lb in labels[:j]}, key=str)
+    if twice:
+        problems.append(f"`importance` lists {', '.join(map(str, twice))} more than once: give each importance "
+                        f"source once")
+    return out or [ImportanceConfig()]
 
 
-def _validate(c: Config, problems: list[str]) -> None:
-    if c.data.name not in DATASETS:
-        problems.append(f"`data.name` {c.data.name!r} is not one of {', '.join(DATASETS)}")
-    if not 0 <= c.data.val_fraction < 1:
-        problems.append("`data.val_fraction` must be in [0, 1)")
-    if c.model.width <= 0:
-        problems.append("`model.width` must be > 0")
-    if c.lock.mode not in ("rate", "threshold"):
-        problems.append(f"`lock.mode` must be `rate` or `threshold`, got {c.lock.mode!r}")
-    c.lock.values = _as_list(c.lock.values)
-    if not c.lock.values:
-        problems.append("`lock.values` is empty: give at least one lock rate or threshold")
-    for v in c.lock.values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            problems.append(f"`lock.values` entry {v!r} is not a number")
-        elif c.lock.mode == "rate" and not 0 < v < 1:
-            problems.append(f"lock rate {v} is outside (0, 1): rates are fractions of all BN channels, e.g. 0.02 for 2 %")
-    ft = c.finetune
-    for name in ("epochs", "lr", "data_fraction", "scope", "seeds"):
-        setattr(ft, name, _as_list(getattr(ft, name)))
-        if not getattr(ft, name):
-            problems.append(f"`finetune.{name}` is empty: the search space needs at least one value")
-    problems += [f"`finetune.data_fraction` {f} is outside (0, 1]" for f in ft.data_fraction if not 0 < f <= 1]
-    problems += [f"`finetune.scope` {s!r} is not one of {', '.join(SCOPES)}" for s in ft.scope if s not in SCOPES]
-    problems += [f"`finetune.epochs` {e!r} must be a whole number ≥ 0" for e in ft.epochs if not isinstance(e, int) or e < 0]
-    for where, p in (("train", c.train.precision), ("finetune", c.finetune.precision)):
-        if p not in PRECISIONS:
-            problems.append(f"`{where}.precision` {p!r} is not one of {', '.join(PRECISIONS)}")
-    res = c.sweep.resources
-    if not isinstance(res, dict) or set(res) - {"cpu", "gpu"}:
-        problems.append("`sweep.resources` must be a mapping with keys cpu and gpu, e.g. {cpu: 1, gpu: 0.25}")
-    if c.select.targets is not None and len(c.select.targets) != c.select.levels:
+def _validate(c: Config, problems: list[str], bad: set[str]) -> None:
+    """Checks that involve more than one field (each field on its own has passed its rule, or is in `bad`)."""
+    if c.lock.mode == "rate" and not {"lock.mode", "lock.values"} & bad:
+        for v in c.lock.values:
+            if not 0 < v < 1:
+                problems.append(f"lock rate {v} is outside (0, 1): rates are fractions of all BN channels, "
+                                f"e.g. 0.02 for 2 %")
+    if c.select.targets is not None and not {"select.targets", "select.levels"} & bad \
+            and len(c.select.targets) != c.select.levels:
         problems.append(f"`select.targets` has {len(c.select.targets)} values but `select.levels` is {c.select.levels}")
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
 TOP_LEVEL = {"name", "seed", "data", "model", "train", "importance", "lock", "finetune", "sweep", "select", "release"}
+SECTIONS = {
+    "data": DataConfig, "model": ModelConfig, "train": TrainConfig, "lock": LockConfig,
+    "finetune": FinetuneConfig, "sweep": SweepConfig, "select": SelectConfig, "release": ReleaseConfig,
+}
 
 
-def parse_config(raw: Any, source: str = "config") -> Config:
-    """Config from a parsed YAML mapping; raises one GradauthError listing every problem."""
+def _parse(raw: Any, source: str, problems: list[str]) -> Config:
     if not isinstance(raw, dict):
-        raise GradauthError(f"{source}: the config must be a YAML mapping with keys {', '.join(sorted(TOP_LEVEL))}")
-    problems = [f"unknown key `{k}` (known: {', '.join(sorted(TOP_LEVEL))})" for k in raw if k not in TOP_LEVEL]
-    sections = {
-        "data": DataConfig, "model": ModelConfig, "train": TrainConfig, "lock": LockConfig,
-        "finetune": FinetuneConfig, "sweep": SweepConfig, "select": SelectConfig, "release": ReleaseConfig,
-    }
-    kwargs = {k: _build(cls, raw.get(k), k, problems) for k, cls in sections.items()}
-    cfg = Config(name=str(raw.get("name", "experiment")), seed=int(raw.get("seed", 0)),
-                 importance=_importances(raw.get("importance"), problems), **kwargs)
-    if not problems:
-        _validate(cfg, problems)
+        raise GradauthError(f"{source}: the config must be a YAML mapping with keys {', '.join(sorted(TOP_LEVEL))}"
+                            + (f"; {'; '.join(problems)}" if problems else ""))
+    problems += [f"unknown key `{k}` (known: {', '.join(sorted(TOP_LEVEL))})" for k in raw if k not in TOP_LEVEL]
+    bad: set[str] = set()
+    kwargs = {k: _build(cls, raw.get(k), k, problems, bad) for k, cls in SECTIONS.items()}
+    top = {f.name: f for f in fields(Config)}
+    for k in ("name", "seed"):
+        if k in raw:
+            before = len(problems)
+            v = check_field(raw[k], top[k].metadata["rule"], k, problems)
+            if len(problems) == before:
+                kwargs[k] = v
+    cfg = Config(importance=_importances(raw.get("importance"), problems, bad), **kwargs)
+    _validate(cfg, problems, bad)
     if problems:
         raise GradauthError(f"{source}: " + "; ".join(problems))
     return cfg
 
 
-def load_config(path: str | Path) -> Config:
-    import yaml  # here, not at the top: `gradauth bench gpu` imports this module on machines without PyYAML
-    path = Path(path)
+def parse_config(raw: Any, source: str = "config") -> Config:
+    """Config from a parsed YAML mapping; raises one GradauthError listing every problem."""
+    return _parse(raw, source, [])
+
+
+# ---- reading YAML --------------------------------------------------------------------------------------------
+
+_LOADER = None
+
+
+def strict_loader():
+    """The YAML loader class, built on first use: `import yaml` stays out of module import, since `gradauth bench gpu`
+    imports this module on machines without PyYAML."""
+    global _LOADER
+    if _LOADER is None:
+        import yaml
+
+        class StrictLoader(yaml.SafeLoader):
+            """PyYAML's SafeLoader (no Python objects) that also records every duplicate key (the last one
+            would silently win) and reads `1e-4` as the number it looks like (YAML 1.1 needs a dot: `1.0e-4`)."""
+
+            def __init__(self, stream):
+                super().__init__(stream)
+                self.duplicates: list[str] = []
+
+            def construct_mapping(self, node, deep=False):
+                if isinstance(node, yaml.MappingNode):
+                    seen: dict = {}
+                    for key_node, _ in node.value:
+                        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                            continue
+                        key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+                        if key in seen:
+                            self.duplicates.append(f"duplicate key `{key}` at line {line} (first at line {seen[key]}): "
+                                                   f"keep one of them")
+                        else:
+                            seen[key] = line
+                return super().construct_mapping(node, deep=deep)
+
+        StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"),
+                                           list("-+0123456789"))
+
+        _LOADER = StrictLoader
+    return _LOADER
+
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_yaml(path: Path, what: str = "config") -> tuple[Any, list[str]]:
+    """(parsed YAML, duplicate-key problems) of a small UTF-8 text file; anything else is one GradauthError."""
+    fix = "pass a YAML file, e.g. sweeps/quickstart.yaml"
     try:
-        raw = yaml.safe_load(path.read_text())
+        st = path.stat()
     except FileNotFoundError:
-        raise GradauthError(f"config file {path} not found: pass a YAML from sweeps/, e.g. sweeps/quickstart.yaml")
+        raise GradauthError(f"{what} file {path} not found: pass a YAML from sweeps/, e.g. sweeps/quickstart.yaml")
+    except OSError as e:
+        raise GradauthError(f"{what} path {path} cannot be read ({e.strerror or e}): {fix}")
+    if stat.S_ISDIR(st.st_mode):
+        raise GradauthError(f"{what} path {path} is a directory: {fix}")
+    if not stat.S_ISREG(st.st_mode):
+        raise GradauthError(f"{what} path {path} is not a regular file (a device, pipe or socket): {fix}")
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise GradauthError(f"{what} file {path} is {st.st_size} bytes, more than any config ({MAX_CONFIG_BYTES}): "
+                            f"is it the right file? {fix}")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise GradauthError(f"{what} file {path} cannot be read ({e.strerror or e}): check its permissions")
+    if b"\0" in data:
+        raise GradauthError(f"{what} file {path} is a binary file, not YAML text: {fix}")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise GradauthError(f"{what} file {path} is not UTF-8 text (byte {e.start} is {data[e.start]:#04x}): "
+                            f"save it as UTF-8")
+    if not text.strip():
+        raise GradauthError(f"{what} file {path} is empty: write the settings, e.g. copy sweeps/quickstart.yaml")
+    import yaml
+    loader = strict_loader()(text)
+    try:
+        raw = loader.get_single_data()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
-        raise GradauthError(f"{path}: not valid YAML{at}: fix the syntax")
-    return parse_config(raw, str(path))
+        why = f" ({e.problem})" if getattr(e, "problem", None) else ""
+        raise GradauthError(f"{path}: not valid YAML{at}{why}: fix the syntax")
+    except RecursionError:
+        raise GradauthError(f"{path}: YAML nested too deeply to be a config: fix the file")
+    finally:
+        loader.dispose()
+    if raw is None:
+        raise GradauthError(f"{what} file {path} holds no settings (only comments): write them, e.g. copy "
+                            f"sweeps/quickstart.yaml")
+    return raw, loader.duplicates
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    raw, duplicates = read_yaml(path)
+    return _parse(raw, str(path), list(duplicates))
 
 
 def dump_config(cfg: Config) -> str:

@@ -47,6 +47,11 @@ def count_removed(masks: Masks) -> tuple[int, int]:
     return total - sum(int(m.sum()) for m in masks.values()), total
 
 
+def empty_layers(masks: Masks) -> list[str]:
+    """BN layers the lock leaves without a single channel."""
+    return [n for n, m in masks.items() if m.numel() and not bool(m.any())]
+
+
 @torch.no_grad()
 def enforce_masks(model: nn.Module, masks: Masks) -> None:
     """Zero γ and β of every removed channel (call after each optimizer step)."""

@@ -18,30 +18,18 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
+from . import registry
 from .checkpoint import from_bytes, to_bytes
 from .config import Config
 from .engine import pick_device
 from .errors import GradauthError
 from .fsutil import atomic_path, write_json
-from .select import TRIAL_COLUMNS
+from .rows import TRIALS_SCHEMA, SweepLog, read_parts, write_trials  # noqa: F401 (write_trials re-exported)
 from .trial import TrialContext, TrialSpec, base_row, grid, run_trial
 
-TRIALS_SCHEMA = pa.schema(list(TRIAL_COLUMNS.items()))  # the DESIGN.md contract, defined once in select.py
-
 _DEVICE_DATA: dict = {}  # per worker process: the dataset already on this actor's device, reused across trials
-
-
-def write_trials(rows: list[dict], path: Path) -> pd.DataFrame:
-    """Rows → Parquet with the contract schema (columns and types of DESIGN.md), atomically."""
-    df = pd.DataFrame(rows, columns=TRIALS_SCHEMA.names).sort_values("trial_id", kind="stable").reset_index(drop=True)
-    table = pa.Table.from_pandas(df, schema=TRIALS_SCHEMA, preserve_index=False)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-    return df
 
 
 def _device_data(ctx: TrialContext, device: torch.device):
@@ -76,11 +64,20 @@ def cap_gpu_memory(device: torch.device, fraction: float) -> float | None:
 
 
 def tune_trainable(config: dict, ctx: TrialContext, threads: int = 1, checkpoint_every: int = 1,
-                   checkpoint_min_s: float = 0.0, gpu_fraction: float = 0.0) -> None:
-    """The Ray Tune function trainable: restore, run the plain trial, report the row (and the model) at the end."""
+                   checkpoint_min_s: float = 0.0, gpu_fraction: float = 0.0, finished: dict | None = None,
+                   plugins=None) -> None:
+    """The Ray Tune function trainable: restore, run the plain trial, report the row (and the model) at the end.
+
+    `finished` holds the rows the driver already has on disk (a `--resume`): a trial among them (Tune's last
+    snapshot missed its end) re-reports its row at once instead of training again. `plugins`: the driver's
+    registered models/datasets/criteria (registry.py), loaded once per worker before anything is built."""
     from ray import tune
-    torch.set_num_threads(threads)
+    registry.restore(plugins)
     t = TrialSpec(**config["trial"])
+    if finished and t.trial_id in finished:
+        tune.report(dict(finished[t.trial_id]) | {"epoch": t.epochs, "row_complete": True, "rereported": True})
+        return
+    torch.set_num_threads(threads)
     device = pick_device()
     cap_gpu_memory(device, gpu_fraction)
     state = None
@@ -126,7 +123,29 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     local = address == "local"
     ray.init(address=address, num_cpus=num_cpus if local else None, include_dashboard=False if local else None,
              log_to_driver=True)
+    if local:
+        _watch_local_ray()
     return local
+
+
+_WATCHDOG: list = []  # the watchdog of the local instance this process started (kept referenced)
+
+
+def _watch_local_ray() -> None:
+    """Own the private instance's lifetime: a watchdog kills what this process's Ray leaves behind if it is killed
+    (raywatch.py). Only the processes this `ray.init` started are ever watched."""
+    from . import raywatch
+    try:
+        from ray._private import worker  # private, but Ray is pinned exactly (pyproject.toml)
+        procs = worker._global_node.all_processes
+        roots = [info.process.pid for infos in procs.values() for info in infos if info.process is not None]
+    except Exception as e:  # an upgrade moved it: run without, and say so
+        print(f"[sweep] cannot watch the local Ray's processes ({type(e).__name__}): if this driver is killed, "
+              "stop them with `ray stop`", file=sys.stderr)
+        return
+    watchdog = raywatch.spawn(roots)
+    if watchdog is not None:
+        _WATCHDOG.append(watchdog)
 
 
 def started_local_ray() -> bool:
@@ -156,38 +175,78 @@ def trial_resources(requested: dict, started_here: bool, cluster: dict) -> dict:
     return {"cpu": cpu, "gpu": gpu}
 
 
+def _failed_row(ctx: TrialContext, t: TrialSpec, error) -> dict:
+    why = str(error).strip().splitlines()[-1][:200] if error else "did not finish"
+    print(f"[sweep] trial {t.trial_id} failed: {why}", file=sys.stderr)
+    return base_row(ctx, t) | {"status": "error"}
+
+
+def _finished_row(t: TrialSpec, metrics: dict, checkpoint) -> tuple[dict, bytes | None]:
+    """(row, model file bytes) of a trial that reported its row; the model comes from its final checkpoint and is
+    refused unless it is a plain gradauth model file."""
+    # Tune fills in its own `trial_id` metric: ours is derived from the grid point, which also keeps it stable.
+    row = {k: metrics.get(k) for k in TRIALS_SCHEMA.names} | {"trial_id": t.trial_id}
+    data = None
+    if row["status"] == "ok":
+        if checkpoint is None:
+            raise GradauthError(f"trial {t.trial_id} finished without its model checkpoint")
+        with checkpoint.as_directory() as d:
+            data = (Path(d) / "model.pt").read_bytes()
+        from_bytes(data, f"checkpoint of {t.trial_id}")  # refuse anything that is not a plain model file
+    return row, data
+
+
 def _row_from_result(result, ctx: TrialContext, models_dir: Path) -> dict:
+    """A row from Tune's result grid, for a grid point whose row the callback did not see (a restored experiment
+    that had already finished it, e.g. on a new head node whose output folder was lost)."""
     t = TrialSpec(**result.config["trial"])
     m = result.metrics or {}
     if result.error is not None or not m.get("row_complete"):
-        why = str(result.error).strip().splitlines()[-1][:200] if result.error else "did not finish"
-        print(f"[sweep] trial {t.trial_id} failed: {why}", file=sys.stderr)
-        return base_row(ctx, t) | {"status": "error"}
-    # Tune fills in its own `trial_id` metric: ours is derived from the grid point, which also keeps it stable.
-    row = {k: m.get(k) for k in TRIALS_SCHEMA.names} | {"trial_id": t.trial_id}
-    if row["status"] == "ok" and result.checkpoint is not None:
-        with result.checkpoint.as_directory() as d:
-            data = (Path(d) / "model.pt").read_bytes()
-        from_bytes(data, f"checkpoint of {t.trial_id}")  # refuse anything that is not a plain model file
+        return _failed_row(ctx, t, result.error)
+    row, data = _finished_row(t, m, result.checkpoint)
+    if data is not None:
         with atomic_path(models_dir / f"{t.trial_id}.pt") as tmp:
             tmp.write_bytes(data)
     return row
 
 
 def _done_rows(out_dir: Path, specs: list[TrialSpec]) -> dict[str, dict]:
-    """Rows of trials.parquet that `--resume` keeps: grid points already finished (an `ok` one with its model file)."""
+    """Rows that `--resume` keeps: grid points already finished, from trials.parquet and from the row parts a
+    killed driver left in trials.d (newer): an `ok` one with its model file, an `unlockable` or `degenerate` one."""
+    rows = []
     path = out_dir / "trials.parquet"
-    if not path.is_file():
-        return {}
-    old = pd.read_parquet(path)
+    if path.is_file():
+        rows += pd.read_parquet(path).to_dict("records")
+    rows += read_parts(out_dir).to_dict("records")
     ids = {s.trial_id for s in specs}
     keep = {}
-    for row in old.to_dict("records"):
-        tid = row.get("trial_id")
-        if tid in ids and (row.get("status") == "unlockable" or
-                           (row.get("status") == "ok" and (out_dir / "models" / f"{tid}.pt").is_file())):
+    for row in rows:
+        tid, status = row.get("trial_id"), row.get("status")
+        if tid in ids and (status in ("unlockable", "degenerate") or
+                           (status == "ok" and (out_dir / "models" / f"{tid}.pt").is_file())):
             keep[tid] = row
+        elif tid in ids:
+            keep.pop(tid, None)  # a newer row of the point that is not finished (an error): run it again
     return keep
+
+
+def check_trusted_storage(exp_path: str) -> None:
+    """`--resume` restores Tune's experiment, which unpickles the state kept in the storage: that storage is
+    trusted (only the owner can write it). What can be checked from here is refused: a local experiment folder,
+    its parent or its files writable by group or others, owned by another user, or links."""
+    if "://" in exp_path:
+        return  # s3://, gs://: trusted by its bucket policy, nothing to check from here
+    exp = Path(exp_path)
+    if not exp.exists():
+        return
+    uid = os.getuid()
+    for p in [exp.parent, exp, *sorted(q for q in exp.iterdir() if not q.is_dir() or q.is_symlink())]:
+        st = p.lstat()
+        why = ("owned by another user" if st.st_uid != uid else "writable by group or others" if st.st_mode & 0o022
+               else "a symbolic link" if p.is_symlink() else None)
+        if why:
+            raise GradauthError(f"{p} is {why}: --resume would unpickle Tune's state from it; resume only from storage "
+                                f"that you alone can write (chmod go-w), or run without --resume to start afresh")
 
 
 def _storage_file(storage: str, name: str):
@@ -220,36 +279,49 @@ def _write_points(storage: str, points: list[str]) -> None:
 def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = False) -> pd.DataFrame:
     """Run every grid point as a Tune trial; write out_dir/trials.parquet and out_dir/models/<trial_id>.pt.
 
-    `resume=True` keeps the grid points trials.parquet already has (so a sweep grown by new lock values or
-    schedules runs only those) and restores Tune's experiment when it was running exactly the points still missing
-    (a killed driver: its finished trials are not re-run and in-flight ones continue from their checkpoints)."""
+    Each trial's row (and model file) is written as the trial finishes, to out_dir/trials.d (rows.py), and live
+    states to out_dir/progress.json; at the end the rows are compacted into trials.parquet. `resume=True` keeps the
+    grid points already finished, in trials.parquet or in trials.d (so a sweep grown by new lock values or
+    schedules runs only those, and a killed driver loses no finished row), and restores Tune's experiment when it
+    was started for a superset of the points still missing: in-flight trials continue from their checkpoints, and a
+    trial whose end Tune's last snapshot missed re-reports its row on disk instead of training again."""
     from ray import tune
+
+    from .tune_rows import RowWriter, activate
     specs = grid(cfg)
     if not specs:
         raise GradauthError("the search space is empty: give lock.values and every finetune list at least one value")
     done = _done_rows(out_dir, specs) if resume else {}
     pending = [s for s in specs if s.trial_id not in done]
     if done:
-        print(f"[sweep] --resume: {len(done)} of {len(specs)} grid points already in trials.parquet, "
+        print(f"[sweep] --resume: {len(done)} of {len(specs)} grid points already finished, "
               f"{len(pending)} to run", file=sys.stderr)
     if not pending:
-        return write_trials(list(done.values()), out_dir / "trials.parquet")
+        return SweepLog(out_dir, cfg.name, [s.trial_id for s in specs], done, fresh=not resume).compact()
+    storage = cfg.sweep.storage or str((out_dir / "ray").resolve())
+    exp_path = f"{storage.rstrip('/')}/sweep"
+    # Which grid points the experiment in exp_path was started for: restoring it is right only if they include
+    # every point still missing and the others are finished (same config, killed driver); after the grid changed,
+    # a fresh experiment runs the new points. The marker lives in the storage next to the experiment, so a new
+    # head (output dir lost) can still restore it.
+    points = sorted(s.trial_id for s in pending)
+    started_for = set(_read_points(storage) or [])
+    restore = resume and started_for >= set(points) and started_for - set(points) <= set(done)
+    if restore:
+        check_trusted_storage(exp_path)  # before Tune unpickles anything there
+        restore = tune.Tuner.can_restore(exp_path)
+    log = SweepLog(out_dir, cfg.name, [s.trial_id for s in specs], done, fresh=not resume)
     started_here = ensure_ray()
     import ray
     resources = trial_resources(cfg.sweep.resources, started_here, ray.cluster_resources())
     cpu = resources["cpu"]
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, ctx=ctx, threads=max(1, int(cpu)), checkpoint_every=cfg.sweep.checkpoint_every,
-                             checkpoint_min_s=cfg.sweep.checkpoint_min_s, gpu_fraction=resources["gpu"]),
+                             checkpoint_min_s=cfg.sweep.checkpoint_min_s, gpu_fraction=resources["gpu"],
+                             finished={t: done[t] for t in started_for & set(done)} if restore else None,
+                             plugins=registry.snapshot()),
         resources)
-    storage = cfg.sweep.storage or str((out_dir / "ray").resolve())
-    exp_path = f"{storage.rstrip('/')}/sweep"
-    # Which grid points the experiment in exp_path was started for: restoring it is right only if they are the
-    # points still missing (same config); after the grid changed, a fresh experiment runs the new points. The
-    # marker lives in the storage next to the experiment, so a new head (output dir lost) can still restore it.
-    points = sorted(s.trial_id for s in pending)
-    same = _read_points(storage) == points
-    if resume and same and tune.Tuner.can_restore(exp_path):
+    if restore:
         print(f"[sweep] resuming {exp_path}", file=sys.stderr)
         tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True)
     else:
@@ -262,13 +334,21 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
             tune_config=tune.TuneConfig(max_concurrent_trials=cfg.sweep.max_concurrent, reuse_actors=True,
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(
-                name="sweep", storage_path=storage,
+                name="sweep", storage_path=storage, callbacks=[RowWriter()],
                 failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1))
-    results = tuner.fit()
-    models_dir = out_dir / "models"
-    rows = list(done.values()) + [_row_from_result(r, ctx, models_dir) for r in results]
-    return write_trials(rows, out_dir / "trials.parquet")
+    activate(log, ctx)
+    try:
+        results = tuner.fit()
+    finally:
+        activate(None, None)
+        log.flush(force=True)
+    # Grid points the callback did not see finish: a restored experiment had finished them before (a new head node
+    # whose output folder was lost restores everything from sweep.storage).
+    missing = {s.trial_id for s in pending} - set(log.rows)
+    extra = [_row_from_result(r, ctx, out_dir / "models") for r in results
+             if TrialSpec(**r.config["trial"]).trial_id in missing]
+    return log.compact(extra)
 
 
 def run_sequential(ctx: TrialContext, specs: list[TrialSpec], device: torch.device) -> list[dict]:

@@ -5,6 +5,7 @@ Ray Tune wraps `run_trial` (sweep.py); the benchmark and the tests call it direc
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -16,7 +17,7 @@ from .compact import compact, count_flops, count_params
 from .data import Dataset
 from .engine import evaluate
 from .finetune import Schedule, finetune
-from .prune import Masks, apply_masks, count_removed, lock_masks
+from .prune import Masks, apply_masks, count_removed, empty_layers, lock_masks
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,11 @@ def base_row(ctx: TrialContext, t: TrialSpec) -> dict:
 def run_trial(ctx: TrialContext, t: TrialSpec, device: torch.device, *, ds: Dataset | None = None,
               state: dict | None = None, on_epoch: Callable[[int, nn.Module, torch.optim.Optimizer, Masks], None] | None = None,
               progress: str | None = None) -> tuple[dict, nn.Module | None, Masks]:
-    """Run one trial; returns (row, fine-tuned masked model or None if unlockable, masks).
+    """Run one trial; returns (row, fine-tuned masked model or None if unlockable or degenerate, masks).
+
+    Statuses: `unlockable` (locked accuracy above lock_bound, not fine-tuned), `degenerate` (the lock empties the
+    network or a layer that cannot be cut out: `degenerate_lock`; not fine-tuned, and not an error, so Tune never
+    retries it), `ok`.
 
     `ds` is the dataset already on `device` (a reused actor keeps it there); `state` resumes from a checkpoint.
     """
@@ -93,6 +98,8 @@ def run_trial(ctx: TrialContext, t: TrialSpec, device: torch.device, *, ds: Data
                               "fine_acc": None, "fine_top3": None, "params": None, "flops": None}
     if prun_acc > ctx.lock_bound:
         return row | {"status": "unlockable", "seconds": time.perf_counter() - t0}, None, masks
+    if degenerate_lock(model, masks, ctx.spec.example()):  # before fine-tuning: it would only fail in `compact`
+        return row | {"status": "degenerate", "seconds": time.perf_counter() - t0}, None, masks
     finetune(model, masks, ds, t.schedule, batch_size=ctx.batch_size, momentum=ctx.momentum,
              weight_decay=ctx.weight_decay, precision=ctx.precision, state=state,
              on_epoch=(lambda e, opt: on_epoch(e, model, opt, masks)) if on_epoch else None, progress=progress)
@@ -101,6 +108,28 @@ def run_trial(ctx: TrialContext, t: TrialSpec, device: torch.device, *, ds: Data
     row |= {"fine_acc": fine_acc, "fine_top3": fine_top3, "params": count_params(small),
             "flops": count_flops(small, ctx.spec.example()), "status": "ok", "seconds": time.perf_counter() - t0}
     return row, model, masks
+
+
+def degenerate_lock(model: nn.Module, masks: Masks, example: torch.Tensor) -> str | None:
+    """Why this lock cannot give a working smaller network, or None: it removes every channel, or every channel of
+    a layer whose output `compact` would have to cut out entirely (a conv with no output channel). A layer emptied
+    inside a shared stream (a residual add) stays, masked, and is not degenerate. `compact` is tried only when some
+    layer is empty, so ordinary locks cost nothing here."""
+    locked, total = count_removed(masks)
+    if locked == total:
+        return f"the lock removes all {total} channels"
+    empty = empty_layers(masks)
+    if not empty:
+        return None
+    try:
+        with warnings.catch_warnings():  # the zero-channel conv it builds warns before it fails
+            warnings.simplefilter("ignore", UserWarning)
+            with torch.no_grad():
+                compact(model, masks, example).eval()(example)  # builds, then fails on the empty conv
+    except (RuntimeError, ValueError) as e:
+        return (f"the lock removes every channel of {', '.join(empty[:3])}{' …' if len(empty) > 3 else ''}, "
+                f"which cannot be compacted ({str(e).splitlines()[0][:80]})")
+    return None
 
 
 def grid(cfg) -> list[TrialSpec]:

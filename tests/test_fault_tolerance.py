@@ -14,7 +14,9 @@ import yaml
 
 from gradauth.config import load_config
 from gradauth.pipeline import train_stage, trial_context
-from gradauth.trial import TrialSpec, grid, run_trial
+from gradauth.rows import PARTS, read_parts
+from gradauth.status import sweep_status
+from gradauth.trial import degenerate_lock, grid, locked_model, run_trial
 
 CFG = {
     "name": "ft", "data": {"name": "digits", "crop_pad": 1, "flip": False},
@@ -86,9 +88,9 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(setup):
     assert df["fine_acc"].iloc[0] == pytest.approx(row["fine_acc"], abs=1e-9)
 
 
-def test_killed_driver_is_finished_by_resume(setup, tmp_path):
-    d, _ = setup
-    raw = CFG | {"lock": {"mode": "rate", "values": [0.3, 0.4]},
+def test_killed_driver_keeps_its_rows_and_resume_reruns_none(setup, tmp_path):
+    d, cfg = setup
+    raw = CFG | {"lock": {"mode": "rate", "values": [0.3, 0.4, 0.99]},
                  "finetune": {"epochs": [6, 12], "lr": [0.005], "seeds": [0, 1]},
                  "sweep": CFG["sweep"] | {"checkpoint_min_s": 5}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
@@ -96,21 +98,44 @@ def test_killed_driver_is_finished_by_resume(setup, tmp_path):
     out.mkdir()
     for f in ("base.pt", "base.json"):
         (out / f).write_bytes((d / "out" / f).read_bytes())
+    specs = grid(load_config(tmp_path / "c.yaml"))
+    ctx = trial_context(cfg, d / "out")
+    degenerate = [t for t in specs if t.lock_value == 0.99]
+    model, masks = locked_model(ctx, degenerate[0])
+    assert degenerate_lock(model, masks, ctx.spec.example())  # 99 % locked empties conv layers of this model
     proc = _sweep(tmp_path / "c.yaml", out)
 
-    def some_done():
-        done = [ls[-1] for _, ls in _results(out) if ls and ls[-1].get("row_complete")]
-        return done if len(done) >= 3 else None
-    before = {TrialSpec(**r["config"]["trial"]).trial_id: r for r in _wait(some_done)}
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+    def some_rows():  # rows are on disk while the sweep runs, one part per finished trial
+        if (out / PARTS).is_dir():
+            return bool((read_parts(out)["status"] == "ok").sum() >= 3)
+    _wait(some_rows, timeout=240)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, at once
     proc.wait()
     assert not (out / "trials.parquet").exists()
+    before = read_parts(out).set_index("trial_id")  # everything on disk at the kill, read again after it
+    assert (before["status"] == "ok").sum() >= 3
+    models = {t: (out / "models" / f"{t}.pt").stat().st_mtime_ns for t in before.index[before.status == "ok"]}
+    s = sweep_status(out)  # the killed folder, from its own files
+    assert s["total"] == 12 and s["done"] + s["failed"] == len(before) and s["done"] + s["running"] + s["pending"] == 12
     proc = _sweep(tmp_path / "c.yaml", out, "--resume")
-    _, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err.decode()[-2000:]
+    assert f"[sweep] --resume: {len(before)} of 12 grid points already finished" in err.decode()
+    assert "[sweep] resuming" in err.decode()  # Tune's experiment restored: unfinished trials keep their checkpoints
     df = pd.read_parquet(out / "trials.parquet")
-    assert len(df) == 8 and df["trial_id"].is_unique
-    assert sorted(df["trial_id"]) == sorted(t.trial_id for t in grid(load_config(tmp_path / "c.yaml")))
-    for tid, r in before.items():  # finished trials keep exactly their results
-        got = df.set_index("trial_id").loc[tid]
-        assert got["status"] == r["status"] and (r["fine_acc"] is None or got["fine_acc"] == r["fine_acc"])
+    assert sorted(df["trial_id"]) == sorted(t.trial_id for t in specs)
+    assert not (out / PARTS).exists()
+    # no finished trial trained again: its row (to the second it took) and its model file are exactly as before
+    after = df.set_index("trial_id").loc[before.index]
+    pd.testing.assert_frame_equal(after, before, check_like=True, check_dtype=False)
+    assert {t: (out / "models" / f"{t}.pt").stat().st_mtime_ns for t in models} == models
+    # degenerate locks: their own status, not fine-tuned, never retried (one report, no error, no recovery)
+    deg = df[df["lock_value"] == 0.99]
+    assert set(deg["status"]) == {"degenerate"} and deg["fine_acc"].isna().all()
+    assert set(df.loc[df["lock_value"] != 0.99, "status"]) <= {"ok", "unlockable"}
+    for trial_dir, lines in _results(out):
+        if "rate0.99" in trial_dir.name:
+            assert not (trial_dir / "error.txt").exists() and lines[-1]["status"] == "degenerate"
+            assert [l for l in lines if l.get("row_complete")] == lines[-1:] and lines[-1]["iterations_since_restore"] == 1
+    s = sweep_status(out)
+    assert (s["done"], s["running"], s["pending"], s["failed"]) == (12, 0, 0, 0)

@@ -78,7 +78,10 @@ def cmd_detect(a):
     settings = settings_from(raw, {"normal": a.normal, "clean": a.clean, "attacks": a.attacks,
                                    "samples": a.samples, "seconds": a.seconds, "features": a.features,
                                    "theta": a.theta, "seed": a.seed})
-    print(detect(cfg, out_dir_for(cfg, a.out), settings))
+    from .runlock import run_lock
+    out = out_dir_for(cfg, a.out)
+    with run_lock(out, "detect", create=False):  # detect needs DIR/base.pt: a missing DIR is refused, not made
+        print(detect(cfg, out, settings))
 
 
 def cmd_report(a):

@@ -18,6 +18,9 @@ from gradauth.rows import PARTS, read_parts
 from gradauth.status import sweep_status
 from gradauth.trial import degenerate_lock, grid, locked_model, run_trial
 
+# Real `gradauth sweep` processes, each starting its own Ray.
+pytestmark = [pytest.mark.ray, pytest.mark.subprocess]
+
 CFG = {
     "name": "ft", "data": {"name": "digits", "crop_pad": 1, "flip": False},
     "model": {"arch": "vgg_tiny", "width": 1.0}, "train": {"epochs": 12, "lr": 0.05, "sparsity": 0.03},

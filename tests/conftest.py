@@ -48,12 +48,12 @@ def tiny_raw(**sections) -> dict:
     return raw
 
 
-def with_tiny_base(base: Path, out: Path, cfg) -> Path:
+def with_base(base: Path, out: Path, cfg) -> Path:
     """`out` holding the shared base (copied, not trained) and `cfg` as its config.yaml. `cfg` must share the base's
     seed, data, model and train sections, so the base is the one `gradauth train` would have written for it."""
     from gradauth.pipeline import write_config
     info = json.loads((base / "base.json").read_text())
-    assert cfg.base_hash() == info["base_hash"], "this config trains another base: keep TINY's seed/data/model/train"
+    assert cfg.base_hash() == info["base_hash"], "this config trains another base: keep the seed/data/model/train"
     out.mkdir(parents=True, exist_ok=True)
     for name in BASE_FILES:
         shutil.copy2(base / name, out / name)
@@ -73,7 +73,7 @@ def build_sweep(base: Path, out: Path, plan=LEVELS) -> Path:
                    finetune={"epochs": sorted({e for _, e in plan}), "lr": [0.01], "seeds": [0, 1]},
                    sweep=TINY["sweep"])
     cfg = parse_config(raw)
-    with_tiny_base(base, out, cfg)
+    with_base(base, out, cfg)
     ctx = trial_context(cfg, out)
     rows, levels = [], []
     for k, (rate, epochs) in enumerate(plan, 1):
@@ -143,18 +143,37 @@ def copy_of(src: Path, dst: Path) -> Path:
     return dst
 
 
+# The quickstart config shrunk to seconds: digits, a half-width tiny VGG (160 BN channels), 12 base epochs. The Ray
+# and subprocess tests that run whole sweeps use its base (`half_base`): their trials are cheaper on it than on TINY's.
+HALF = {
+    "name": "tiny", "data": {"name": "digits", "crop_pad": 1, "flip": False},
+    "model": {"arch": "vgg_tiny", "width": 1.0},
+    "train": {"epochs": 12, "lr": 0.05, "sparsity": 0.03},
+    "lock": {"mode": "rate", "values": [0.1, 0.2]},
+    "finetune": {"epochs": [2], "lr": [0.01], "seeds": [0]},
+    "sweep": {"lock_bound": 0.2},
+}
+
+
 @pytest.fixture
 def tiny_cfg():
-    """The quickstart config shrunk to seconds: digits, a half-width tiny VGG."""
+    """HALF, parsed (nothing trained)."""
     from gradauth.config import parse_config
-    return parse_config({
-        "name": "tiny", "data": {"name": "digits", "crop_pad": 1, "flip": False},
-        "model": {"arch": "vgg_tiny", "width": 1.0},
-        "train": {"epochs": 12, "lr": 0.05, "sparsity": 0.03},
-        "lock": {"mode": "rate", "values": [0.1, 0.2]},
-        "finetune": {"epochs": [2], "lr": [0.01], "seeds": [0]},
-        "sweep": {"lock_bound": 0.2},
-    })
+    return parse_config(copy.deepcopy(HALF))
+
+
+@pytest.fixture(scope="session")
+def half_base(tmp_path_factory):
+    """(config, folder, train info): HALF's base trained once per session. Read only, like `tiny_base`."""
+    from gradauth.config import parse_config
+    from gradauth.pipeline import train_stage
+    cfg = parse_config(copy.deepcopy(HALF))
+    out = tmp_path_factory.mktemp("half-base")
+    info = train_stage(cfg, out)
+    guard = _unchanged(out)
+    next(guard)
+    yield cfg, out, info
+    next(guard, None)
 
 
 def _ray_running() -> bool:

@@ -30,8 +30,9 @@ import pytest
 import yaml
 
 from gradauth.config import load_config
-from gradauth.pipeline import train_stage
 from gradauth.select import TRIAL_COLUMNS
+
+from conftest import with_base
 
 pytestmark = [pytest.mark.ray, pytest.mark.subprocess]  # a Ray node and `ray job` CLIs as real processes
 
@@ -134,7 +135,7 @@ def _pids_of(temp_dir: str) -> list[int]:
     return pids
 
 
-def test_quickstart_sweep_as_a_ray_job(tmp_path):
+def test_quickstart_sweep_as_a_ray_job(half_base, tmp_path):
     token, sha = secrets.token_hex(32), "jobtest" + secrets.token_hex(3)
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH", "PYTHONPATH")}
@@ -180,7 +181,7 @@ def test_quickstart_sweep_as_a_ray_job(tmp_path):
         raw["finetune"] |= {"epochs": [2], "lr": [0.01], "seeds": [0]}
         cfg_path, out = tmp_path / "quickstart.yaml", tmp_path / "out"
         cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-        train_stage(load_config(cfg_path), out)
+        with_base(half_base[1], out, load_config(cfg_path))  # the session's half-width base: the same config
 
         stamp("trained")
         _wait(lambda: _listening(dash) and _listening(agent), 120, "the dashboard and its agent", head)

@@ -1,6 +1,8 @@
 """`gradauth` command line: each subcommand maps to one plain function in pipeline.py (or its stage module).
 
-Bad input raises GradauthError anywhere below; here it becomes one line on stderr and exit code 2.
+Bad input raises GradauthError anywhere below; here it becomes one line on stderr and exit code 2, and so does an
+OSError (a read-only or full disk met while writing: the files themselves are written atomically, see fsutil.py).
+Every command that writes into an output folder holds its lock (runlock.py) while it does.
 """
 from __future__ import annotations
 
@@ -46,7 +48,9 @@ def cmd_select(a):
 
 def cmd_release(a):
     from .release import release_dir
-    release_dir(Path(a.dir), new_keys=a.new_keys)
+    from .runlock import run_lock
+    with run_lock(Path(a.dir), "release", create=False):
+        release_dir(Path(a.dir), new_keys=a.new_keys)
 
 
 def cmd_unlock(a):
@@ -69,12 +73,16 @@ def cmd_slice(a):
 
 def cmd_report(a):
     from .report import write_report
-    print(write_report(Path(a.dir)))
+    from .runlock import run_lock
+    with run_lock(Path(a.dir), "report", create=False):
+        print(write_report(Path(a.dir)))
 
 
 def cmd_attack(a):
     from .attack import run_attack
-    run_attack(Path(a.dir))
+    from .runlock import run_lock
+    with run_lock(Path(a.dir), "attack", create=False):
+        run_attack(Path(a.dir))
 
 
 def cmd_status(a):
@@ -137,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         args.fn(args)
     except GradauthError as e:
         print(f"gradauth {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only or full disk, a permission, a vanished folder: one line, never a traceback
+        from .runlock import os_error_line
+        print(f"gradauth {args.command}: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gradauth {args.command}: interrupted", file=sys.stderr)

@@ -119,7 +119,29 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     local = address == "local"
     ray.init(address=address, num_cpus=num_cpus if local else None, include_dashboard=False if local else None,
              log_to_driver=True)
+    if local:
+        _watch_local_ray()
     return local
+
+
+_WATCHDOG: list = []  # the watchdog of the local instance this process started (kept referenced)
+
+
+def _watch_local_ray() -> None:
+    """Own the private instance's lifetime: a watchdog kills what this process's Ray leaves behind if it is killed
+    (raywatch.py). Only the processes this `ray.init` started are ever watched."""
+    from . import raywatch
+    try:
+        from ray._private import worker  # private, but Ray is pinned exactly (pyproject.toml)
+        procs = worker._global_node.all_processes
+        roots = [info.process.pid for infos in procs.values() for info in infos if info.process is not None]
+    except Exception as e:  # an upgrade moved it: run without, and say so
+        print(f"[sweep] cannot watch the local Ray's processes ({type(e).__name__}): if this driver is killed, "
+              "stop them with `ray stop`", file=sys.stderr)
+        return
+    watchdog = raywatch.spawn(roots)
+    if watchdog is not None:
+        _WATCHDOG.append(watchdog)
 
 
 def started_local_ray() -> bool:

@@ -154,6 +154,8 @@ def _outputs(p: torch.Tensor, g: torch.Generator, integer: bool) -> torch.Tensor
 
 @pytest.fixture
 def compiled(monkeypatch):
+    """The compiled θ kernel (built by torch's cpp_extension: ninja and a compiler run, so its tests are marked
+    subprocess)."""
     monkeypatch.setenv("GRADAUTH_SLICING_KERNEL", "1")
     if not kernel.available():
         pytest.skip("no C++ compiler for the θ kernel (the torch path is used then)")

@@ -5,8 +5,9 @@ every field against it before anything runs: unknown keys, wrong types (a boolea
 fractional epoch count, a number given as text), out-of-range values, NaN and infinity, and names outside their
 choices. `load_config` also refuses duplicate YAML keys, files that are not UTF-8 text, directories and empty files.
 Every problem is collected and raised once, in one `GradauthError`, so a user fixes a config in one pass. Choices
-come from one place each (the tuples below, `models.arch_problem`); a rule's `choices` may also be a function, so a
-later registry can feed them. The resolved config is written beside every output (`config.yaml`) and checkpoints
+come from one place each: the tuples below, and for datasets, architectures and importance criteria the registries
+(`gradauth/registry.py`), read when checking. Each importance criterion declares its own settings (a dataclass of
+`setting(...)` fields) that the config checks and passes to it. The resolved config is written beside every output (`config.yaml`) and checkpoints
 carry it too, so any result can be explained from its own folder.
 """
 from __future__ import annotations
@@ -24,9 +25,7 @@ from typing import Any, Callable, Iterable
 
 from .errors import GradauthError
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 SCOPES = ("all", "bn", "head")
-IMPORTANCES = ("bn_gamma", "slice")
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("cosine", "step")
 LOCK_MODES = ("rate", "threshold")
@@ -37,7 +36,8 @@ SEED_MAX = 2**32 - 1            # numpy's limit; trial generators multiply seeds
 @dataclass(frozen=True)
 class Rule:
     """What one config field accepts. `parse_config` reads these; nothing else encodes a field's type or range."""
-    kind: str                       # int | float | bool | str | resources ({cpu, gpu} per trial)
+    kind: str                       # int | float | bool | str | resources ({cpu, gpu} per trial) | settings (an importance
+                                    # criterion's own dataclass: its fields' rules check it, see _importance)
     many: bool = False              # a list of `kind` (one bare value is read as a one-item list)
     optional: bool = False          # null allowed (it means the default the field's comment describes)
     lo: float | None = None         # range: lo ≤ v (lo < v with lo_open), v ≤ hi (v < hi with hi_open)
@@ -61,6 +61,16 @@ def opt(default, kind: str, **rule) -> Any:
     return field(default=default, metadata=meta)
 
 
+setting = opt  # exported as gradauth.setting: a field of an importance criterion's settings dataclass
+
+
+def _registered(kind: str) -> Callable[[], tuple]:
+    def choices() -> tuple:
+        from . import registry  # the built-ins' modules (torch) load only when a config is checked
+        return registry.names(kind)
+    return choices
+
+
 def _arch_problem(arch: str) -> str | None:
     from .models import arch_problem  # torch is imported only when a config names an arch
     return arch_problem(arch)
@@ -81,7 +91,7 @@ FRACTION = dict(lo=0, hi=1)
 
 @dataclass
 class DataConfig:
-    name: str = opt("digits", "str", choices=lambda: DATASETS)  # digits (ships with scikit-learn) | cifar10 | cifar100 | imagefolder
+    name: str = opt("digits", "str", choices=_registered("dataset"))  # digits (ships with scikit-learn) | cifar10 | cifar100 | imagefolder | any registered
     root: str | None = opt(None, "str", optional=True)  # dataset folder; default $GRADAUTH_DATA/<name>; digits needs none
     download: bool = opt(False, "bool")                 # let torchvision download CIFAR into root
     val_fraction: float = opt(0.1, "float", lo=0, hi=1, hi_open=True)  # held out of the train split (seeded), for monitoring
@@ -95,7 +105,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = opt("vgg_tiny", "str", check=_arch_problem)  # vgg_tiny | vgg11/16/19 | resnet20/56 | densenet40 | torchvision:<name>
+    arch: str = opt("vgg_tiny", "str", check=_arch_problem)  # vgg_tiny | vgg11/16/19 | resnet20/56 | densenet40 | torchvision:<name> | any registered
     width: float = opt(1.0, "float", lo=0, lo_open=True)     # channel multiplier: 0.5 halves every layer (CPU-sized runs)
 
 
@@ -112,22 +122,69 @@ class TrainConfig:
     precision: str = opt("auto", "str", choices=lambda: PRECISIONS)  # auto (bf16 autocast + channels-last on a CUDA GPU with bf16, fp32 elsewhere) | fp32 | bf16
 
 
-SLICE_ONLY = ("classes", "theta", "samples")
+DEFAULT_IMPORTANCE = "bn_gamma"
+
+# Before each criterion owned its settings, every importance entry carried slice's three, so a resolved bn_gamma entry
+# reads {name: bn_gamma, classes: null, theta: 0.0, samples: 256}, and the hashes of committed results include those
+# keys. bn_gamma keeps writing them, and accepts them back at exactly these values; nothing else uses this table.
+FROZEN_KEYS = {"bn_gamma": {"classes": None, "theta": 0.0, "samples": 256}}
+
+
+def _importance_entry(name: str):
+    from . import registry
+    return registry.importance(name)
+
+
+def _default_settings(name: str):
+    cls = _importance_entry(name).settings
+    return cls() if cls is not None else None
 
 
 @dataclass
 class ImportanceConfig:
-    name: str = opt("bn_gamma", "str", choices=lambda: IMPORTANCES)  # bn_gamma (|γ|) | slice (NNSlicer contributions)
-    classes: list[int] | None = opt(None, "int", many=True, optional=True, lo=0, unique=True,
-                                    empty="list class numbers, or leave `classes` out to slice each input's predicted class")  # slice only: slice from these classes (None: each input's predicted class)
-    theta: float = opt(0.0, "float", lo=0)             # slice only: θ granularity filter
-    samples: int = opt(256, "int", lo=1)               # slice only: inputs sliced
+    """One importance source: a registered criterion's name and its settings (an instance of the settings dataclass
+    the criterion registered, None if it has none). Settings read as attributes (`imp.samples`); assigning a new
+    `name` gives that criterion's default settings, so the two always belong together."""
+    name: str = opt(DEFAULT_IMPORTANCE, "str", choices=_registered("importance"))  # bn_gamma (|γ|) | slice (NNSlicer contributions) | any registered
+    settings: Any = opt(None, "settings", optional=True)  # checked by the criterion's own rules (its dataclass)
+
+    def __post_init__(self):
+        cls = _importance_entry(self.name).settings
+        if self.settings is None and cls is not None:
+            object.__setattr__(self, "settings", cls())
+        elif cls is None and self.settings is not None or cls is not None and not isinstance(self.settings, cls):
+            raise GradauthError(f"importance {self.name}: settings must be "
+                                f"{'None' if cls is None else cls.__name__}, got {self.settings!r}")
+
+    def _setting_names(self) -> tuple:
+        s = self.__dict__.get("settings")
+        return tuple(f.name for f in fields(s)) if s is not None else ()
+
+    def __getattr__(self, key):  # only for names that are not attributes: the criterion's settings
+        if key in self._setting_names():
+            return getattr(self.__dict__["settings"], key)
+        raise AttributeError(f"importance {self.__dict__.get('name')!r} has no setting {key!r}")
+
+    def __setattr__(self, key, value):
+        if key == "name" and "settings" in self.__dict__:
+            object.__setattr__(self, "name", value)
+            object.__setattr__(self, "settings", _default_settings(value))
+        elif key in ("name", "settings"):
+            object.__setattr__(self, key, value)
+        elif key in self._setting_names():
+            setattr(self.__dict__["settings"], key, value)
+        else:
+            raise AttributeError(f"importance {self.__dict__.get('name')!r} has no setting {key!r}")
 
     @property
     def label(self) -> str:
-        if self.name == "slice" and self.classes:
-            return "slice[" + ",".join(map(str, self.classes)) + "]"
-        return self.name
+        """How trial ids, tables and plots name this source (the criterion's `label`; default: its name)."""
+        entry = _importance_entry(self.name)
+        return entry.label(self.settings) if entry.label else self.name
+
+    def to_dict(self) -> dict:
+        own = dataclasses.asdict(self.settings) if self.settings is not None else {}
+        return {"name": self.name, **FROZEN_KEYS.get(self.name, {}), **own}
 
 
 @dataclass
@@ -193,7 +250,7 @@ class Config:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["importance"] = [dataclasses.asdict(i) for i in self.importance]
+        d["importance"] = [i.to_dict() for i in self.importance]
         return d
 
     def hash(self) -> str:
@@ -366,12 +423,61 @@ def _build(cls, raw: Any, where: str, problems: list[str], bad: set[str]):
 NAME_RULE = next(f for f in fields(ImportanceConfig) if f.name == "name").metadata["rule"]
 
 
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._,=+\[\]-]{0,99}")
+
+
+def _frozen_ok(name: str, key: str, value: Any) -> bool:
+    """A key of FROZEN_KEYS at exactly its written value (a resolved config.yaml read back)."""
+    frozen = FROZEN_KEYS.get(name, {})
+    if key not in frozen or isinstance(value, bool):
+        return False
+    return value is None if frozen[key] is None else (value is not None and value == frozen[key])
+
+
+def _importance(item: dict, where: str, problems: list[str], bad: set[str]) -> ImportanceConfig | None:
+    """One mapping entry: its name by the `name` rule, every other key by the named criterion's settings rules."""
+    from . import registry
+    name = item.get("name", DEFAULT_IMPORTANCE)
+    if "name" in item and check_field(name, NAME_RULE, f"{where}.name", problems) is None:
+        bad.add("importance")
+        return None
+    entry = registry.importance(name)
+    own = {f.name: f for f in fields(entry.settings)} if entry.settings is not None else {}
+    kwargs, before = {}, len(problems)
+    for k, v in item.items():
+        if k == "name" or (k not in own and _frozen_ok(name, k, v)):
+            continue
+        if k in own:
+            n = len(problems)
+            checked = check_field(v, own[k].metadata["rule"], f"{where}.{k}", problems)
+            if len(problems) == n:
+                kwargs[k] = checked
+            continue
+        owners = [e.name for e in registry.table("importance").values()
+                  if e.settings is not None and k in {f.name for f in fields(e.settings)}]
+        if owners:
+            problems.append(f"`{where}.{k}` applies to {', '.join(owners)} only, not {name}: remove it")
+        else:
+            known = ", ".join(["name", *own])
+            problems.append(f"unknown key `{where}.{k}` ({name} takes {known})")
+    if len(problems) > before:
+        bad.add("importance")
+        return None
+    try:
+        settings = entry.settings(**kwargs) if entry.settings is not None else None
+    except (TypeError, ValueError, GradauthError) as e:  # the criterion's own __post_init__ refused the combination
+        problems.append(f"`{where}` {name}: {e}")
+        bad.add("importance")
+        return None
+    return ImportanceConfig(name, settings)
+
+
 def _importances(raw: Any, problems: list[str], bad: set[str]) -> list[ImportanceConfig]:
     if raw is None:
         return [ImportanceConfig()]
     items = raw if isinstance(raw, list) else [raw]
     if not items:
-        problems.append("`importance` is empty: give at least one, e.g. bn_gamma")
+        problems.append(f"`importance` is empty: give at least one, e.g. {DEFAULT_IMPORTANCE}")
         return [ImportanceConfig()]
     out = []
     for i, item in enumerate(items):
@@ -385,20 +491,25 @@ def _importances(raw: Any, problems: list[str], bad: set[str]) -> list[Importanc
             out.append(ImportanceConfig(name=item))
             continue
         if not isinstance(item, dict):
-            problems.append(f"`{where}` must be a name ({', '.join(IMPORTANCES)}) or a mapping such as "
-                            f"{{name: slice, samples: 256}}, got {item!r}")
+            problems.append(f"`{where}` must be a name ({', '.join(NAME_RULE.choice_list())}) or a mapping such as "
+                            f"{{name: slice, samples: 256}}, got {_show(item)}")
             bad.add("importance")
             continue
-        imp = _build(ImportanceConfig, item, where, problems, bad)
-        if imp.name != "slice" and "name" in item and f"{where}.name" not in bad:
-            for k in SLICE_ONLY:  # a resolved config.yaml lists them with their defaults: those are fine
-                if k in item and f"{where}.{k}" not in bad and getattr(imp, k) != getattr(ImportanceConfig(), k):
-                    problems.append(f"`{where}.{k}` applies to slice only, not {imp.name}: remove it")
-        out.append(imp)
-    labels = [i.label for i in out]
-    twice = sorted({lb for j, lb in enumerate(labels) if lb in labels[:j]})
+        imp = _importance(item, where, problems, bad)
+        if imp is not None:
+            out.append(imp)
+    labels = []
+    for imp in out:
+        label = imp.label
+        if not isinstance(label, str) or not _LABEL.fullmatch(label):
+            problems.append(f"importance {imp.name}: its label {_show(label)} cannot name trials and files (letters, "
+                            f"digits and . _ , = + [ ] -, at most 100): fix the criterion's label function")
+            bad.add("importance")
+        labels.append(label)
+    twice = sorted({lb for j, lb in enumerate(labels) if lb in labels[:j]}, key=str)
     if twice:
-        problems.append(f"`importance` lists {', '.join(twice)} more than once: give each importance source once")
+        problems.append(f"`importance` lists {', '.join(map(str, twice))} more than once: give each importance "
+                        f"source once")
     return out or [ImportanceConfig()]
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from . import registry
 from .checkpoint import from_bytes, to_bytes
 from .config import Config
 from .engine import pick_device
@@ -63,12 +64,15 @@ def cap_gpu_memory(device: torch.device, fraction: float) -> float | None:
 
 
 def tune_trainable(config: dict, ctx: TrialContext, threads: int = 1, checkpoint_every: int = 1,
-                   checkpoint_min_s: float = 0.0, gpu_fraction: float = 0.0, finished: dict | None = None) -> None:
+                   checkpoint_min_s: float = 0.0, gpu_fraction: float = 0.0, finished: dict | None = None,
+                   plugins=None) -> None:
     """The Ray Tune function trainable: restore, run the plain trial, report the row (and the model) at the end.
 
     `finished` holds the rows the driver already has on disk (a `--resume`): a trial among them (Tune's last
-    snapshot missed its end) re-reports its row at once instead of training again."""
+    snapshot missed its end) re-reports its row at once instead of training again. `plugins`: the driver's
+    registered models/datasets/criteria (registry.py), loaded once per worker before anything is built."""
     from ray import tune
+    registry.restore(plugins)
     t = TrialSpec(**config["trial"])
     if finished and t.trial_id in finished:
         tune.report(dict(finished[t.trial_id]) | {"epoch": t.epochs, "row_complete": True, "rereported": True})
@@ -314,7 +318,8 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, ctx=ctx, threads=max(1, int(cpu)), checkpoint_every=cfg.sweep.checkpoint_every,
                              checkpoint_min_s=cfg.sweep.checkpoint_min_s, gpu_fraction=resources["gpu"],
-                             finished={t: done[t] for t in started_for & set(done)} if restore else None),
+                             finished={t: done[t] for t in started_for & set(done)} if restore else None,
+                             plugins=registry.snapshot()),
         resources)
     if restore:
         print(f"[sweep] resuming {exp_path}", file=sys.stderr)

@@ -211,5 +211,5 @@ def _markers_say_what_a_test_starts(request):
         pytest.fail(f"{node.nodeid} started Ray: mark it @pytest.mark.ray", pytrace=False)
     if not (is_ray or is_sub) and len(_spawned) > n_before:
         event, args = _spawned[n_before]
-        pytest.fail(f"{node.nodeid} started a process ({event} {args}): mark it @pytest.mark.subprocess",
-                    pytrace=False)
+        what = "@pytest.mark.ray" if "/ray/" in args else "@pytest.mark.subprocess"  # Ray's own binaries
+        pytest.fail(f"{node.nodeid} started a process ({event} {args}): mark it {what}", pytrace=False)

@@ -101,3 +101,10 @@ def test_format_strings_are_the_codes():
         assert name in text, name
     assert release.MAGIC == b"gradauth-pack/1\n" and "`gradauth-pack/1\\n`" in text
     assert (release.NONCE_BYTES, release.TAG_BYTES, release.KEY_BYTES) == (12, 16, 32)
+
+
+def test_detect_settings_and_columns_are_documented():
+    from gradauth.detect import SCHEMA, Settings
+    assert set(_table(_section("`detect` (`gradauth detect` only, `detect.py`)"))) == set(_config_keys(Settings))
+    rows = _table(_section("detect.parquet, detect.md, plots/detect.png (`detect.py`)"))
+    assert {n: c[0] for n, c in rows.items()} == {f.name: str(f.type) for f in SCHEMA}

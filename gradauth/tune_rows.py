@@ -15,10 +15,11 @@ from .trial import TrialContext, TrialSpec
 _ACTIVE: dict = {}
 
 
-def activate(log: SweepLog | None, ctx: TrialContext | None) -> None:
+def activate(log: SweepLog | None, ctx: TrialContext | None, tick=None) -> None:
+    """`tick(force=False)`: called after every controller step and finished trial (the console's progress line)."""
     _ACTIVE.clear()
     if log is not None:
-        _ACTIVE.update(log=log, ctx=ctx)
+        _ACTIVE.update(log=log, ctx=ctx, tick=tick or (lambda force=False: None))
 
 
 def _spec(trial) -> TrialSpec:
@@ -61,6 +62,7 @@ class RowWriter(tune.Callback):
     def on_step_end(self, iteration, trials, **info):
         if _ACTIVE:
             _ACTIVE["log"].flush()
+            _ACTIVE["tick"]()
 
     def on_experiment_end(self, trials, **info):
         if _ACTIVE:

@@ -108,7 +108,8 @@ class SweepProgress:
 
     def __init__(self, log, stream=None):
         self.log, self.t0 = log, time.monotonic()
-        self.done0 = self._counts()[0]  # rows a --resume started with: not counted in the rate
+        done, _, _, failed = self._counts()
+        self.done0 = done + failed  # rows a --resume started with: not counted in the rate
         self.line = Progress("sweep", stream)
 
     def _counts(self) -> tuple[int, int, int, int]:

@@ -107,10 +107,16 @@ class SweepProgress:
     `state` ({trial_id: pending|running|ok|unlockable|degenerate|failed}) and `rows`."""
 
     def __init__(self, log, stream=None):
-        self.log, self.t0 = log, time.monotonic()
+        self.log, self.t0, self.first = log, time.monotonic(), None
         done, _, _, failed = self._counts()
         self.done0 = done + failed  # rows a --resume started with: not counted in the rate
         self.line = Progress("sweep", stream)
+
+    def _rate_start(self, done: int, running: int) -> float | None:
+        """The rate counts from the first trial seen running or finished, not from Ray's start (~20 s)."""
+        if self.first is None and (running or done > self.done0):
+            self.first = time.monotonic()
+        return self.first
 
     def _counts(self) -> tuple[int, int, int, int]:
         done = running = pending = failed = 0
@@ -133,7 +139,8 @@ class SweepProgress:
     def text(self) -> str:
         done, running, pending, failed = self._counts()
         total = done + running + pending + failed
-        minutes = (time.monotonic() - self.t0) / 60
+        start = self._rate_start(done + failed, running)
+        minutes = (time.monotonic() - start) / 60 if start is not None else 0.0
         new = done + failed - self.done0
         rate = new / minutes if minutes > 0 else 0.0
         eta = (running + pending) / rate * 60 if rate > 0 else None

@@ -102,5 +102,20 @@ def test_quickstart_like_run_fits_on_two_screens(tmp_path):
     assert not any("Trial status" in line or "╭" in line for line in console)  # no Tune table on the console
     log = (out / "sweep.log").read_text()
     assert "Trial status" in log
+    # The flat driver: no full experiment snapshot forced per trial checkpoint (Ray 2.60 warns when it is)
+    assert "snapshotting has been triggered" not in log
     assert any(line.startswith("level ") for line in console)  # the release's levels
     assert console[-1].startswith("[run] done")
+
+
+def test_snapshot_period_grows_with_the_sweep_and_the_owner_setting_wins(monkeypatch):
+    from gradauth.sweep import _state_period
+    monkeypatch.delenv("TUNE_GLOBAL_CHECKPOINT_S", raising=False)
+    seen = []
+    for n in (36, 100, 1000, 10_000):
+        with _state_period(n):
+            seen.append(float(os.environ["TUNE_GLOBAL_CHECKPOINT_S"]))
+    assert seen == [10.0, 10.0, 100.0, 1000.0] and "TUNE_GLOBAL_CHECKPOINT_S" not in os.environ
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "5")
+    with _state_period(10_000):
+        assert os.environ["TUNE_GLOBAL_CHECKPOINT_S"] == "5"

@@ -119,6 +119,7 @@ class SweepProgress:
         return self.first
 
     def _counts(self) -> tuple[int, int, int, int]:
+        """(finished without error, running, pending, failed)."""
         done = running = pending = failed = 0
         for s in self.log.state.values():
             if s == "running":
@@ -130,6 +131,15 @@ class SweepProgress:
             else:
                 done += 1
         return done, running, pending, failed
+
+    def _kinds(self) -> str:
+        """ok, then the other finished states that occur (unlockable, degenerate), then failed: '8 ok, 2 unlockable,
+        0 failed'."""
+        n: dict[str, int] = {}
+        for s in self.log.state.values():
+            n[s] = n.get(s, 0) + 1
+        kinds = [f"{n.get('ok', 0)} ok"] + [f"{n[k]} {k}" for k in ("unlockable", "degenerate") if n.get(k)]
+        return ", ".join(kinds + [f"{n.get('failed', 0)} failed"])
 
     def _best(self) -> str:
         accs = [r.get("fine_acc") for r in self.log.rows.values() if r.get("status") == "ok"]
@@ -144,7 +154,7 @@ class SweepProgress:
         new = done + failed - self.done0
         rate = new / minutes if minutes > 0 else 0.0
         eta = (running + pending) / rate * 60 if rate > 0 else None
-        return (f"{done + failed}/{total} done ({done} ok, {failed} failed), {running} running, {pending} pending, "
+        return (f"{done + failed}/{total} done ({self._kinds()}), {running} running, {pending} pending, "
                 f"{rate:.1f} trials/min, ETA {duration(eta)}{self._best()}")
 
     def tick(self, force: bool = False) -> None:

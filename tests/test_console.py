@@ -59,11 +59,11 @@ def test_sweep_line_counts_states_and_best_so_far():
     rows = {"a": {"status": "ok", "fine_acc": 0.91}, "b": {"status": "degenerate", "fine_acc": float("nan")}}
     out = io.StringIO()
     sp = SweepProgress(_Log(dict(state), rows), stream=out)
-    assert sp.text().startswith("3/6 done (2 ok, 1 failed), 1 running, 2 pending, 0.0 trials/min, ETA ?")
+    assert sp.text().startswith("3/6 done (1 ok, 1 degenerate, 1 failed), 1 running, 2 pending, 0.0 trials/min, ETA ?")
     sp.log.state |= {"d": "ok", "e": "running"}
     rows["d"] = {"status": "ok", "fine_acc": 0.95}
     t = sp.text()
-    assert t.startswith("4/6 done (3 ok, 1 failed), 1 running, 1 pending") and t.endswith("best fine-tuned 0.950")
+    assert t.startswith("4/6 done (2 ok, 1 degenerate, 1 failed), 1 running, 1 pending") and t.endswith("best fine-tuned 0.950")
     assert "ETA ?" not in t  # one trial finished since the start: a rate and an ETA
 
 

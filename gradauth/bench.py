@@ -229,10 +229,13 @@ def bench_scale(ns: tuple[int, ...] = SCALE_N, sample: int = 20) -> dict:
             cfg.sweep.max_concurrent = slots
             out = tmp / f"n{n}"
             out.mkdir()
+            logs0 = _tree(_ray_logs())[0]
             io0, cpu0, t0, load0 = _proc_io(), time.process_time(), time.perf_counter(), os.getloadavg()
             df = run_sweep(cfg, ctx, out)
             wall, cpu, io1 = time.perf_counter() - t0, time.process_time() - cpu0, _proc_io()
             storage, storage_files = _tree(out / "ray")
+            ray_logs = _tree(_ray_logs())[0] - logs0
+            state = sum(p.stat().st_size for p in (out / "ray" / "sweep").glob("experiment_state*.json"))
             out_bytes, out_files = _tree(out)
             (out / "config.yaml").write_text(yaml_dump(cfg))
             status_s = min(_timed(lambda: sweep_status(out)) for _ in range(3))
@@ -245,6 +248,7 @@ def bench_scale(ns: tuple[int, ...] = SCALE_N, sample: int = 20) -> dict:
                 "driver_wchar_per_trial": (io1["wchar"] - io0["wchar"]) / n,
                 "ray_storage_bytes_per_trial": storage / n, "ray_storage_files_per_trial": storage_files / n,
                 "output_bytes_per_trial": out_bytes / n, "output_files_per_trial": out_files / n,
+                "ray_session_logs_bytes_per_trial": ray_logs / n, "experiment_state_bytes_per_trial": state / n,
                 "driver_rss_mb": _rss_mb(), "status_s": status_s,
                 "status_counts": {k: counts[k] for k in ("done", "running", "pending", "failed")},
                 "resume_s_all_done": resume_s,
@@ -266,6 +270,15 @@ def bench_scale(ns: tuple[int, ...] = SCALE_N, sample: int = 20) -> dict:
         "from the driver process (rows, models, Tune's experiment state); Ray's storage dir also gets the workers' "
         "checkpoints. resume_s_all_done: `--resume` of the finished sweep (reads rows, starts no trial).")
     return result
+
+
+def _ray_logs() -> Path:
+    """The Ray session's log folder (the driver's own core-worker log is written by this process)."""
+    try:
+        from ray._private import worker  # private, but Ray is pinned exactly (pyproject.toml)
+        return Path(worker._global_node.get_session_dir_path()) / "logs"
+    except Exception:
+        return Path("/nonexistent")
 
 
 def _timed(fn) -> float:

@@ -371,16 +371,18 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
 @contextlib.contextmanager
 def _state_period(n: int):
     """How often Tune snapshots its experiment state (TUNE_GLOBAL_CHECKPOINT_S, read when `fit` builds its
-    controller): every max(10 s, n / 10 s). A snapshot holds every trial (~24 KB each), so a period that grows with
-    the sweep keeps the bytes written per second, and per trial, the same at any size (~24 KB × 10 s / trials per
-    second); Tune's own "auto" period (≥ 10 s, then 19 × the time a snapshot took) grows them ∝ N up to that point.
-    What a killed driver can lose is bounded by the period too: running trials restart from the checkpoint the last
-    snapshot knew (still kept), or from their start if they began after it. Nothing finished is lost
-    between snapshots: rows are on disk as trials finish (rows.py), and a trial a snapshot still shows running
-    re-reports its row on --resume instead of training again. `CheckpointConfig(num_to_keep=None)` keeps each
-    trial's checkpoints (few: at most one per `sweep.checkpoint_min_s`), because in Ray 2.60 a `num_to_keep` forces
-    a full snapshot whenever a trial saved that many checkpoints since the last one: with num_to_keep=1, one per
-    trial (issue 14). An owner's own TUNE_GLOBAL_CHECKPOINT_S wins."""
+    controller): every max(10 s, n / 10 s); an owner's own TUNE_GLOBAL_CHECKPOINT_S wins.
+
+    A snapshot holds every trial (~24 KB each), so a period that grows with the sweep keeps the bytes written per
+    second, and per trial, the same at any size (~24 KB × 10 s / trials per second); Tune's own "auto" period (10 s,
+    or 19 × the time a snapshot took) makes them grow ∝ N. `CheckpointConfig(num_to_keep=None)` goes with it: in
+    Ray 2.60 a `num_to_keep` forces a full snapshot whenever a trial saved that many checkpoints since the last one
+    (with num_to_keep=1, one per trial: issue 14); without it each trial keeps its checkpoints (few: at most one per
+    `sweep.checkpoint_min_s`), so any checkpoint an older snapshot names still exists.
+
+    What a killed driver can lose is bounded by the period: nothing finished (rows are on disk as trials finish,
+    rows.py, and a trial a snapshot still shows running re-reports its row on --resume instead of training again);
+    running trials restart from the checkpoint the last snapshot knew, or from their start if they began after it."""
     key = "TUNE_GLOBAL_CHECKPOINT_S"
     old = os.environ.get(key)
     if old is None:

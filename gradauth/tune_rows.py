@@ -16,7 +16,7 @@ _ACTIVE: dict = {}
 
 
 def activate(log: SweepLog | None, ctx: TrialContext | None, tick=None) -> None:
-    """`tick(force=False)`: called after every controller step and finished trial (the console's progress line)."""
+    """`tick(force=False)`: called after every controller step (the console's progress line)."""
     _ACTIVE.clear()
     if log is not None:
         _ACTIVE.update(log=log, ctx=ctx, tick=tick or (lambda force=False: None))

@@ -125,13 +125,14 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
              log_to_driver=verbose(), _temp_dir=temp)
     if local:
         _clean_session_files(temp)
-        _watch_local_ray()
+        _watch_local_ray(temp)
     return local
 
 
 def _clean_session_files(temp: str) -> None:
     """A private instance keeps its session files (logs, sockets, spilled objects) in its own temp folder, removed
-    when this process shuts Ray down at exit: nothing piles up under /tmp/ray."""
+    when this process shuts Ray down at exit, or by the watchdog (raywatch.py) if this process is killed: nothing
+    piles up under /tmp/ray."""
     import atexit
 
     import ray
@@ -145,7 +146,7 @@ def _clean_session_files(temp: str) -> None:
 _WATCHDOG: list = []  # the watchdog of the local instance this process started (kept referenced)
 
 
-def _watch_local_ray() -> None:
+def _watch_local_ray(session_dir: str | None = None) -> None:
     """Own the private instance's lifetime: a watchdog kills what this process's Ray leaves behind if it is killed
     (raywatch.py). Only the processes this `ray.init` started are ever watched."""
     from . import raywatch
@@ -157,7 +158,7 @@ def _watch_local_ray() -> None:
         print(f"[sweep] cannot watch the local Ray's processes ({type(e).__name__}): if this driver is killed, "
               "stop them with `ray stop`", file=sys.stderr)
         return
-    watchdog = raywatch.spawn(roots)
+    watchdog = raywatch.spawn(roots, session_dir)
     if watchdog is not None:
         _WATCHDOG.append(watchdog)
 

@@ -4,14 +4,16 @@ The thief holds the public locked model and a labelled slice of the training dat
 of one seeded shuffle, so a larger slice contains the smaller). They do not know the masks and hold nothing at zero:
 `finetune` with empty masks trains every weight. Two schedules:
 
-- best: the epochs and learning rate of the sweep's best schedule for the public lock (highest mean fine_acc over
-  seeds among the trials with that lock; any lock if none has it), run on the thief's slice;
-- strong: the same learning rate for as many optimizer steps as the best schedule takes on the full training set (the
+- best: the sweep's best schedule for the public lock (highest mean fine_acc over seeds among the trials with that
+  lock; any lock if none has it), every knob of it (`knobs.Schedule`: epochs, lr, scope, any knob added later), run
+  on the thief's slice (its data_fraction is the thief's fraction);
+- strong: the best schedule for as many optimizer steps as it takes on its own share of the full training set (the
   owner's compute), and at least 4 × its epochs: on 1 % of the data, about 100 × the epochs.
 
 Targets (one row per target × fraction × schedule × seed in `attack.parquet`):
 
-- `public`: the released lock (union of the levels' locks) in the forms of `FORMS`:
+- `public`: the released lock (`release.public_model`: the thief-chosen lock when trials.parquet has thief trials,
+  else the union of the levels' locks) in the forms of `FORMS`:
   - `zeros` (init zeros, filters erased, thief_init none): the release as `gradauth release` writes it, fine-tuned
     naively. A channel with γ = β = 0 gets no gradient where its BN feeds a ReLU (the ReLU input is exactly 0, where
     its gradient is 0), and with its filter erased not even through a residual add, so it never comes back.
@@ -33,9 +35,13 @@ Targets (one row per target × fraction × schedule × seed in `attack.parquet`)
   message.
 - `scratch`: the same architecture from random initialisation: what the data alone is worth to the thief.
 
-Every lock as released (`zeros`) also gets one `owner` row: the best schedule on all the data with the masks held,
-the level that lock could sell, so a lock the thief cannot recover is not mistaken for a good one when the owner
-cannot either.
+Every lock as released (`zeros`) also gets one `owner` row: the best schedule as swept (its data fraction included)
+with the masks held, the level that lock could sell, so a lock the thief cannot recover is not mistaken for a good
+one when the owner cannot either.
+
+Every fraction is attacked from the public model and from scratch with the same schedules (checked), and attack.md
+has a head-start table: per fraction, the thief's best from the public model as released (zeros and revived, or
+noise for a `release.noise_init` config) against the best from scratch, and the difference.
 
 `prun_acc` is each target's accuracy before the attack; `level_accs` are the levels' mean fine_acc (levels.json);
 `best_level_reached` is the best level whose accuracy the thief matches (null if none). The report is `attack.md`.
@@ -52,7 +58,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -66,17 +72,19 @@ from .config import ImportanceConfig
 from .data import Dataset
 from .engine import evaluate, pick_device
 from .errors import GradauthError
-from .finetune import Schedule, finetune
+from .finetune import finetune
+from .knobs import Schedule, columns, fill_defaults, from_row, schedule_dict, schedule_label, to_row
 from .fsutil import atomic_path, write_text
 from .importance import bn_gamma
 from .prune import count_removed, lock_masks, masks_from_model
-from .release import MANIFEST, fresh_filters, locked_channels, locked_copy, public_lock
+from .release import MANIFEST, fresh_filters, locked_channels, locked_copy, public_model
 from .schema import file_sha256, read_trials
 
 FRACTIONS = (0.01, 0.05, 0.1)   # of the labelled training split the thief holds
 STRONG_MIN_FACTOR = 4           # strong schedule: at least 4 × the best schedule's epochs
 COMPARABLE_SLACK = 0.02         # alt locks: locked accuracy within this of the public model's (or of chance)
 NOISE_SEED = 0                  # the attack's noise draw; a release draws a secret one
+SCHEDULE_GROUP = columns(Schedule, group_only=True)  # the schedule columns of trials.parquet, seed excluded
 ALT_LOCKS = (("bn_gamma", "rate"), ("bn_gamma", "threshold"), ("slice", "rate"), ("slice", "threshold"))
 
 
@@ -97,23 +105,29 @@ class Target:
     signature: bytes = b""      # everything above that decides the runs, to attack identical models once
 
 
-def best_schedule(out: Path, importance: str, mode: str, value: float) -> tuple[int, float]:
-    """(epochs, lr) of the highest mean fine_acc for this lock in trials.parquet (any lock if none has it)."""
+def best_schedule(out: Path, importance: str, mode: str, value: float) -> Schedule:
+    """The whole schedule (every knob but the seed) with the highest mean fine_acc over seeds for this lock in
+    trials.parquet (any lock if none has it); ties go to the first in sorted knob order."""
+    group = SCHEDULE_GROUP
     t = read_trials(out / "trials.parquet", ["status", "importance", "lock_mode", "lock_value", "ft_epochs", "ft_lr",
                                              "fine_acc"])
-    ok = t[t["status"] == "ok"]
+    ok = fill_defaults(t[t["status"] == "ok"], Schedule)  # an older file without a newer knob: its default
     same = ok[(ok["importance"] == importance) & (ok["lock_mode"] == mode) & ((ok["lock_value"] - value).abs() < 1e-12)]
-    g = (same if len(same) else ok).groupby(["ft_epochs", "ft_lr"], sort=True)["fine_acc"].mean()
-    epochs, lr = g.idxmax()
-    return int(epochs), float(lr)
+    g = (same if len(same) else ok).groupby(group, sort=True)["fine_acc"].mean()
+    best = g.idxmax()
+    return from_row(Schedule, dict(zip(group, best if isinstance(best, tuple) else (best,))))
 
 
-def schedules(best: tuple[int, float], fraction: float, n_train: int, batch: int) -> list[tuple[str, int, float]]:
-    """[(name, epochs, lr)]: best as swept; strong as many optimizer steps as best took on all `n_train` images."""
-    epochs, lr = best
+def schedules(best: Schedule, fraction: float, n_train: int, batch: int) -> list[tuple[str, Schedule]]:
+    """[(name, schedule)] of the thief holding `fraction` of the training data: best as swept on the thief's slice;
+    strong as many optimizer steps as best took on its own share of all `n_train` images. Every other knob of the
+    best schedule (scope, any knob added later) is kept."""
     steps = lambda n: math.ceil(max(1, round(n)) / batch)
-    strong = max(STRONG_MIN_FACTOR * epochs, math.ceil(epochs * steps(n_train) / steps(n_train * fraction)))
-    return [("best", epochs, lr), ("strong", strong, lr)]
+    epochs = best.epochs
+    strong = max(STRONG_MIN_FACTOR * epochs,
+                 math.ceil(epochs * steps(n_train * best.data_fraction) / steps(n_train * fraction)))
+    mine = replace(best, data_fraction=fraction)
+    return [("best", mine), ("strong", replace(mine, epochs=strong))]
 
 
 def _short_threshold(lo: float, hi: float) -> float | None:
@@ -158,10 +172,10 @@ def _scores(name: str, cfg, base: nn.Module, ds: Dataset):
 
 def targets(out: Path, cfg, ds: Dataset, compare: bool = True) -> tuple[list[Target], dict]:
     """The models the thief may start from, and what the public lock is."""
-    doc, chosen, masks, importance = public_lock(out)
+    pub = public_model(out)
+    doc, masks, importance, choice = pub["doc"], pub["masks"], pub["importance"], pub["choice"]
     base, spec, _ = rebuild(load_model_file(out / "base.pt"))
-    strongest = max(chosen, key=lambda c: int(c[1]["locked_channels"]))[1]
-    mode, value = str(strongest["lock_mode"]), float(strongest["lock_value"])
+    mode, value = str(choice["lock_mode"]), float(choice["lock_value"])
     n = count_removed(masks)[0]
     found = _lock_targets("public", importance, mode, value, base, masks, ds)
     if compare:
@@ -171,7 +185,8 @@ def targets(out: Path, cfg, ds: Dataset, compare: bool = True) -> tuple[list[Tar
     scratch = _fresh(spec)
     found.append(Target("scratch", None, None, None, 0, "random", scratch, evaluate(scratch, ds, ds.test)[0]))
     public = {"importance": importance, "lock_mode": mode, "lock_value": value, "locked_channels": n,
-              "prun_acc": found[0].prun_acc, "levels": doc["levels"]}
+              "prun_acc": found[0].prun_acc, "levels": doc["levels"], "chosen_by": choice["chosen_by"],
+              "why": choice["why"], "released_init": "noise" if cfg.release.noise_init else "zeros"}
     return found, public
 
 
@@ -237,24 +252,24 @@ def _fresh(spec) -> nn.Module:
     return build_model(spec.arch, spec.num_classes, spec.in_channels, spec.width).eval()
 
 
-def steal(model: nn.Module, ds: Dataset, fraction: float, epochs: int, lr: float, seed: int, cfg,
-          masks: dict | None = None) -> tuple[float, float]:
-    """Fine-tune a copy of `model` on a slice of the training data, every weight free unless `masks` holds some at
-    zero (the owner's run); its (top-1, top-3) on the test split."""
+def steal(model: nn.Module, ds: Dataset, sched: Schedule, cfg, masks: dict | None = None) -> tuple[float, float]:
+    """Fine-tune a copy of `model` under `sched` (its data_fraction is the slice of the training data used), every
+    weight free unless `masks` holds some at zero (the owner's run); its (top-1, top-3) on the test split."""
     m = copy.deepcopy(model).to(ds.train.x.device)
     ft = cfg.finetune
-    finetune(m, masks or {}, ds, Schedule(epochs, lr, fraction, "all", seed), batch_size=ft.batch_size,
-             momentum=ft.momentum, weight_decay=ft.weight_decay, precision=ft.precision)
+    finetune(m, masks or {}, ds, sched, batch_size=ft.batch_size, momentum=ft.momentum,
+             weight_decay=ft.weight_decay, precision=ft.precision)
     return evaluate(m, ds, ds.test)
 
 
-def runs(tg: Target, best: tuple[int, float], fractions, n_train: int, batch: int) -> list[tuple]:
-    """(fraction, schedule, epochs, lr, masks) of every fine-tune of one target. Besides the thief's runs, a lock
-    gets the owner's: all the data, the best schedule, the masks held, i.e. the level this lock could sell."""
-    out = [(f, name, e, lr, None) for f in fractions for name, e, lr in schedules(best, f, n_train, batch)
+def runs(tg: Target, best: Schedule, fractions, n_train: int, batch: int) -> list[tuple]:
+    """(attacker fraction, schedule name, Schedule, masks) of every fine-tune of one target. Besides the thief's
+    runs, a lock gets the owner's: the best schedule exactly as swept, the masks held, i.e. the level this lock could
+    sell (its attacker fraction is the schedule's data fraction)."""
+    out = [(f, name, s, None) for f in fractions for name, s in schedules(best, f, n_train, batch)
            if name in tg.schedules]
     if tg.masks is not None and tg.init == "zeros" and tg.filters == "erased" and tg.thief_init == "none":
-        out.append((1.0, "owner", best[0], best[1], tg.masks))
+        out.append((best.data_fraction, "owner", best, tg.masks))
     return out
 
 
@@ -284,23 +299,25 @@ def run_attack(out_dir: str | Path, fractions=FRACTIONS, seeds=(0,), compare: bo
             rows += [r | _describe(tg) | {"same_masks_as": _label(twin[0]), "seconds": 0.0} for r in twin]
             continue
         mine = []
-        for f, sched, epochs, lr, masks in runs(tg, best, fractions, len(ds.train), cfg.finetune.batch_size):
+        for f, sched, schedule, masks in runs(tg, best, fractions, len(ds.train), cfg.finetune.batch_size):
             for seed in seeds:
                 t0 = time.perf_counter()
-                acc, top3 = steal(tg.model, dsd, f, epochs, lr, seed, cfg, masks)
+                run = replace(schedule, seed=seed)
+                acc, top3 = steal(tg.model, dsd, run, cfg, masks)
                 reached = [i + 1 for i, a in enumerate(level_accs) if acc >= a]
                 mine.append(_describe(tg) | {
                     "attacker_fraction": f, "attacker_images": max(1, int(round(len(ds.train) * f))),
-                    "schedule": sched, "ft_epochs": epochs, "ft_lr": lr, "seed": seed, "recovered_acc": acc,
+                    "schedule": sched, **to_row(run), "recovered_acc": acc,
                     "recovered_top3": top3, "level_accs": level_accs,
                     "best_level_reached": min(reached) if reached else None, "same_masks_as": None,
                     "seconds": time.perf_counter() - t0, **prov})
-                print(f"[attack] {_label(mine[-1])} {f:.0%} {sched:6s} ({epochs} ep): {acc:.4f}", file=sys.stderr)
+                print(f"[attack] {_label(mine[-1])} {f:.0%} {sched:6s} ({run.epochs} ep): {acc:.4f}", file=sys.stderr)
         if tg.signature:
             done[tg.signature] = mine
         rows += mine
     df = pd.DataFrame(rows)
     df["best_level_reached"] = df["best_level_reached"].astype("Int64")
+    head_starts(df, public.get("released_init", "zeros"))  # every fraction attacked from both, or refuse
     table = pa.Table.from_pandas(df, preserve_index=False)
     table = table.replace_schema_metadata((table.schema.metadata or {}) | {META_KEY: json.dumps(derived).encode()})
     with atomic_path(out / "attack.parquet") as tmp:
@@ -350,7 +367,29 @@ def _label(r) -> str:
     return f"{r['target']} {r['lock_importance']} {r['lock_mode']} {r['lock_value']:g} ({how})"
 
 
-def report(df: pd.DataFrame, public: dict, best: tuple[int, float]) -> str:
+def head_starts(df: pd.DataFrame, released_init: str = "zeros") -> list[dict]:
+    """Per thief fraction: the best recovered accuracy from the public model as released (`zeros` and the careful
+    thief's `revive` of it, or `noise` for a noise_init release; any schedule), from scratch (any schedule), and the
+    head start public − scratch. Refuses (an internal error) a fraction that lacks either side."""
+    forms = {("noise", "none")} if released_init == "noise" else {("zeros", "none"), ("zeros", "revive")}
+    thief = df[df["schedule"] != "owner"]
+    pub = thief[(thief["target"] == "public") & (thief["filters"] != "kept")
+                & pd.Series([(i, t) in forms for i, t in zip(thief["init"], thief["thief_init"])], index=thief.index,
+                            dtype=bool)]
+    scr = thief[thief["target"] == "scratch"]
+    mean = lambda d: d.groupby(["attacker_fraction", "schedule", "init", "thief_init"])["recovered_acc"].mean()
+    out = []
+    for f in sorted(set(thief["attacker_fraction"])):
+        p, s = mean(pub[pub["attacker_fraction"] == f]), mean(scr[scr["attacker_fraction"] == f])
+        if p.empty or s.empty:
+            raise GradauthError(f"the attack has no {'public' if p.empty else 'scratch'} run at {f:.0%} of the data: "
+                                f"every fraction needs both; re-run `gradauth attack`")
+        out.append({"fraction": float(f), "public": float(p.max()), "scratch": float(s.max()),
+                    "head_start": float(p.max() - s.max())})
+    return out
+
+
+def report(df: pd.DataFrame, public: dict, best: Schedule) -> str:
     """attack.md: one line per starting model, recovered accuracy per (thief's data, schedule), the level reached."""
     levels = sorted(public["levels"], key=lambda lv: int(lv["level"]))
     df = df.assign(label=df.apply(_label, axis=1), column=[
@@ -363,9 +402,10 @@ def report(df: pd.DataFrame, public: dict, best: tuple[int, float]) -> str:
              f"Public model: {public['importance']} {public['lock_mode']} {public['lock_value']:g}, "
              f"{public['locked_channels']} channels locked, accuracy {public['prun_acc']:.3f}.", "",
              "The thief trains every weight (nothing held at zero) on 1/5/10 % of the labelled training data: "
-             f"`best` = the sweep's best schedule for the public lock ({best[0]} epochs, lr {best[1]:g}); "
-             f"`strong` = as many steps as `best` takes on all the data (≥ {STRONG_MIN_FACTOR} × its epochs); "
-             "`owner` = the best schedule on all the data with the masks held: what that lock could sell. "
+             f"`best` = the sweep's best schedule for the public lock ({schedule_label(schedule_dict(best))}) on "
+             f"the thief's data; `strong` = as many steps as `best` takes on its share of all the data "
+             f"(≥ {STRONG_MIN_FACTOR} × its epochs); "
+             "`owner` = the best schedule as swept, with the masks held: what that lock could sell. "
              "`zeros` = the lock as `gradauth release` writes it (locked γ/β zero, their conv filters erased); "
              "`revived by the thief` = its all-zero γ/β (the zeros show which channels are locked) reset to γ 1, "
              "β 0 and blank filters redrawn before fine-tuning; `filters kept` = the paper's plain lock, trained "
@@ -386,8 +426,17 @@ def report(df: pd.DataFrame, public: dict, best: tuple[int, float]) -> str:
         at_start = [int(lv["level"]) for lv in levels if before >= float(lv["fine_acc"])]
         start = f"{before:.3f}" + (f" L{min(at_start)}" if at_start else "")
         lines.append(f"| {name} | {g['locked_channels'].iloc[0]} | {start} | " + " | ".join(cells) + " |")
+    init = public.get("released_init", "zeros")
+    lines += ["", "## Head start: the public model against training from scratch", "",
+              f"Public lock chosen by: {public.get('chosen_by', 'levels_union')} ({public.get('why', '')}).", "",
+              "Per fraction of the labelled data: the thief's best from the public model as released ("
+              + ("noise init" if init == "noise" else "zeros, or revived by the thief") + ", any schedule), the best "
+              "from scratch on the same data (any schedule), and the head start the public model gives.", "",
+              "| thief's data | from the public model | from scratch | head start |", "|---|---|---|---|"]
+    for h in head_starts(df, init):
+        lines.append(f"| {h['fraction']:.0%} | {h['public']:.3f} | {h['scratch']:.3f} | {h['head_start']:+.3f} |")
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["run_attack", "derived_from", "read_derived", "md_stamp", "targets", "alt_targets", "calibrate", "steal", "runs", "best_schedule", "schedules", "report",
+__all__ = ["run_attack", "derived_from", "read_derived", "md_stamp", "targets", "alt_targets", "calibrate", "steal", "runs", "best_schedule", "schedules", "report", "head_starts",
            "FRACTIONS"]

@@ -113,11 +113,10 @@ def trial_setup(s: dict, ds, precision: str):
 
 def _schedule_for(t, images: int, n_train: int):
     """The trial's schedule resized to about `images` images: whole epochs over a data_fraction of the train split."""
-    from .finetune import Schedule
     epochs = max(1, -(-images // n_train))
     frac = min(1.0, max(images / epochs, 1) / n_train)
     n = max(1, int(round(n_train * frac)))
-    return Schedule(epochs, t.lr, frac, t.scope, t.seed), epochs * n
+    return dataclasses.replace(t.schedule, epochs=epochs, data_fraction=frac), epochs * n  # every other knob kept
 
 
 def finetune_ips(ctx, t, ds, device: torch.device, precision: str, images: int, masks_on_device: bool = False):

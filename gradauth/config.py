@@ -5,8 +5,9 @@ every field against it before anything runs: unknown keys, wrong types (a boolea
 fractional epoch count, a number given as text), out-of-range values, NaN and infinity, and names outside their
 choices. `load_config` also refuses duplicate YAML keys, files that are not UTF-8 text, directories and empty files.
 Every problem is collected and raised once, in one `GradauthError`, so a user fixes a config in one pass. Choices
-come from one place each (the tuples below, `models.arch_problem`); a rule's `choices` may also be a function, so a
-later registry can feed them. The resolved config is written beside every output (`config.yaml`) and checkpoints
+come from one place each: the tuples below, and for datasets, architectures and importance criteria the registries
+(`gradauth/registry.py`), read when checking. Each importance criterion declares its own settings (a dataclass of
+`setting(...)` fields) that the config checks and passes to it. The resolved config is written beside every output (`config.yaml`) and checkpoints
 carry it too, so any result can be explained from its own folder.
 """
 from __future__ import annotations
@@ -24,9 +25,7 @@ from typing import Any, Callable, Iterable
 
 from .errors import GradauthError
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 SCOPES = ("all", "bn", "head")
-IMPORTANCES = ("bn_gamma", "slice")
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("cosine", "step")
 LOCK_MODES = ("rate", "threshold")
@@ -37,7 +36,8 @@ SEED_MAX = 2**32 - 1            # numpy's limit; trial generators multiply seeds
 @dataclass(frozen=True)
 class Rule:
     """What one config field accepts. `parse_config` reads these; nothing else encodes a field's type or range."""
-    kind: str                       # int | float | bool | str | resources ({cpu, gpu} per trial)
+    kind: str                       # int | float | bool | str | resources ({cpu, gpu} per trial) | settings (an importance
+                                    # criterion's own dataclass: its fields' rules check it, see _importance)
     many: bool = False              # a list of `kind` (one bare value is read as a one-item list)
     optional: bool = False          # null allowed (it means the default the field's comment describes)
     lo: float | None = None         # range: lo ≤ v (lo < v with lo_open), v ≤ hi (v < hi with hi_open)
@@ -61,6 +61,16 @@ def opt(default, kind: str, **rule) -> Any:
     return field(default=default, metadata=meta)
 
 
+setting = opt  # exported as gradauth.setting: a field of an importance criterion's settings dataclass
+
+
+def _registered(kind: str) -> Callable[[], tuple]:
+    def choices() -> tuple:
+        from . import registry  # the built-ins' modules (torch) load only when a config is checked
+        return registry.names(kind)
+    return choices
+
+
 def _arch_problem(arch: str) -> str | None:
     from .models import arch_problem  # torch is imported only when a config names an arch
     return arch_problem(arch)
@@ -81,7 +91,7 @@ FRACTION = dict(lo=0, hi=1)
 
 @dataclass
 class DataConfig:
-    name: str = opt("digits", "str", choices=lambda: DATASETS)  # digits (ships with scikit-learn) | cifar10 | cifar100 | imagefolder
+    name: str = opt("digits", "str", choices=_registered("dataset"))  # digits (ships with scikit-learn) | cifar10 | cifar100 | imagefolder | any registered
     root: str | None = opt(None, "str", optional=True)  # dataset folder; default $GRADAUTH_DATA/<name>; digits needs none
     download: bool = opt(False, "bool")                 # let torchvision download CIFAR into root
     val_fraction: float = opt(0.1, "float", lo=0, hi=1, hi_open=True)  # held out of the train split (seeded), for monitoring
@@ -95,7 +105,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = opt("vgg_tiny", "str", check=_arch_problem)  # vgg_tiny | vgg11/16/19 | resnet20/56 | densenet40 | torchvision:<name>
+    arch: str = opt("vgg_tiny", "str", check=_arch_problem)  # vgg_tiny | vgg11/16/19 | resnet20/56 | densenet40 | torchvision:<name> | any registered
     width: float = opt(1.0, "float", lo=0, lo_open=True)     # channel multiplier: 0.5 halves every layer (CPU-sized runs)
 
 
@@ -112,22 +122,69 @@ class TrainConfig:
     precision: str = opt("auto", "str", choices=lambda: PRECISIONS)  # auto (bf16 autocast + channels-last on a CUDA GPU with bf16, fp32 elsewhere) | fp32 | bf16
 
 
-SLICE_ONLY = ("classes", "theta", "samples")
+DEFAULT_IMPORTANCE = "bn_gamma"
+
+# Before each criterion owned its settings, every importance entry carried slice's three, so a resolved bn_gamma entry
+# reads {name: bn_gamma, classes: null, theta: 0.0, samples: 256}, and the hashes of committed results include those
+# keys. bn_gamma keeps writing them, and accepts them back at exactly these values; nothing else uses this table.
+FROZEN_KEYS = {"bn_gamma": {"classes": None, "theta": 0.0, "samples": 256}}
+
+
+def _importance_entry(name: str):
+    from . import registry
+    return registry.importance(name)
+
+
+def _default_settings(name: str):
+    cls = _importance_entry(name).settings
+    return cls() if cls is not None else None
 
 
 @dataclass
 class ImportanceConfig:
-    name: str = opt("bn_gamma", "str", choices=lambda: IMPORTANCES)  # bn_gamma (|γ|) | slice (NNSlicer contributions)
-    classes: list[int] | None = opt(None, "int", many=True, optional=True, lo=0, unique=True,
-                                    empty="list class numbers, or leave `classes` out to slice each input's predicted class")  # slice only: slice from these classes (None: each input's predicted class)
-    theta: float = opt(0.0, "float", lo=0)             # slice only: θ granularity filter
-    samples: int = opt(256, "int", lo=1)               # slice only: inputs sliced
+    """One importance source: a registered criterion's name and its settings (an instance of the settings dataclass
+    the criterion registered, None if it has none). Settings read as attributes (`imp.samples`); assigning a new
+    `name` gives that criterion's default settings, so the two always belong together."""
+    name: str = opt(DEFAULT_IMPORTANCE, "str", choices=_registered("importance"))  # bn_gamma (|γ|) | slice (NNSlicer contributions) | any registered
+    settings: Any = opt(None, "settings", optional=True)  # checked by the criterion's own rules (its dataclass)
+
+    def __post_init__(self):
+        cls = _importance_entry(self.name).settings
+        if self.settings is None and cls is not None:
+            object.__setattr__(self, "settings", cls())
+        elif cls is None and self.settings is not None or cls is not None and not isinstance(self.settings, cls):
+            raise GradauthError(f"importance {self.name}: settings must be "
+                                f"{'None' if cls is None else cls.__name__}, got {self.settings!r}")
+
+    def _setting_names(self) -> tuple:
+        s = self.__dict__.get("settings")
+        return tuple(f.name for f in fields(s)) if s is not None else ()
+
+    def __getattr__(self, key):  # only for names that are not attributes: the criterion's settings
+        if key in self._setting_names():
+            return getattr(self.__dict__["settings"], key)
+        raise AttributeError(f"importance {self.__dict__.get('name')!r} has no setting {key!r}")
+
+    def __setattr__(self, key, value):
+        if key == "name" and "settings" in self.__dict__:
+            object.__setattr__(self, "name", value)
+            object.__setattr__(self, "settings", _default_settings(value))
+        elif key in ("name", "settings"):
+            object.__setattr__(self, key, value)
+        elif key in self._setting_names():
+            setattr(self.__dict__["settings"], key, value)
+        else:
+            raise AttributeError(f"importance {self.__dict__.get('name')!r} has no setting {key!r}")
 
     @property
     def label(self) -> str:
-        if self.name == "slice" and self.classes:
-            return "slice[" + ",".join(map(str, self.classes)) + "]"
-        return self.name
+        """How trial ids, tables and plots name this source (the criterion's `label`; default: its name)."""
+        entry = _importance_entry(self.name)
+        return entry.label(self.settings) if entry.label else self.name
+
+    def to_dict(self) -> dict:
+        own = dataclasses.asdict(self.settings) if self.settings is not None else {}
+        return {"name": self.name, **FROZEN_KEYS.get(self.name, {}), **own}
 
 
 @dataclass
@@ -151,6 +208,24 @@ class FinetuneConfig:
     momentum: float = opt(0.9, "float", lo=0, hi=1, lo_open=True, hi_open=True)
     weight_decay: float = opt(1e-4, "float", lo=0)
     precision: str = opt("auto", "str", choices=lambda: PRECISIONS)  # as train.precision, for every fine-tune trial
+
+
+def _with_knob_lists(base):
+    """`base` plus one list field per Schedule knob (knobs.py) whose `config` list `base` does not declare itself, its
+    values checked by the knob's `rule` (a knob's default is its list's default), so a knob added to Schedule is a
+    swept `finetune.<config>` list with no edit here. The knobs declared above keep their own fields and comments."""
+    from .knobs import Schedule, knobs
+    have = {f.name: f for f in fields(base)}
+    for f, m in knobs(Schedule):
+        if m["config"] in have and not have[m["config"]].metadata["rule"].many:
+            raise TypeError(f"Schedule.{f.name}: finetune.{m['config']} is not a list; name its config list otherwise")
+    extra = [(m["config"], list, opt([f.default], m["kind"], many=True, unique=True, empty=GRID, **m["rule"]))
+             for f, m in knobs(Schedule) if m["config"] and m["config"] not in have]
+    return dataclasses.make_dataclass(base.__name__, extra, bases=(base,), namespace={"__module__": __name__}) \
+        if extra else base
+
+
+FinetuneConfig = _with_knob_lists(FinetuneConfig)
 
 
 @dataclass
@@ -177,6 +252,151 @@ class ReleaseConfig:
     noise_init: bool = opt(False, "bool")  # public model: pruned channels re-initialised with noise instead of zeros
 
 
+_SEARCH_EPS = 1e-9
+
+
+# ---- search: the owner's intent for a targeted search (gradauth/search.py) ----------------------------------
+@dataclass
+class ThiefBudget:
+    fractions: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1])  # of the labelled training split
+    epochs: int = 30               # the thief's schedule on every fraction
+    lr: float | None = None        # None: the search's largest lr
+    seeds: int = 1
+    public_locks: str = "strongest"  # strongest: the strongest lockable lock | levels: also every hit level's lock
+
+
+@dataclass
+class SearchConfig:
+    """The owner's intent: the `search:` config section (search.py runs it)."""
+    mode: str = "grid"             # grid: today's sweep | targeted: this module
+    levels: int = 3
+    targets: list[float] | None = None   # absolute accuracies, level 1 first; None: relative to the base:
+    below_base: float = 0.01       # level 1 = base_acc − below_base ...
+    step: float = 0.08             # ... and each next level `step` lower
+    tolerance: float = 0.01        # a level hits its target when |mean fine_acc − target| ≤ tolerance
+    seeds: int = 2                 # seeds per level (spent only on candidates within tolerance)
+    max_trials: int | None = None  # trial budget (curve tasks and thief trials count)
+    max_trial_seconds: float | None = None  # summed trial seconds; in-flight trials still finish
+    max_concurrent: int = 4        # trials in flight at once
+    lock_range: list[float] = field(default_factory=lambda: [0.01, 0.3])  # [lowest, highest] lock value
+    lock_points: int = 12          # lock values per curve task
+    lock_step: float | None = None  # threshold mode: resolution of lock values (rate mode: one channel)
+    epochs: list[int] = field(default_factory=lambda: [1, 16])  # [fewest, most] fine-tune epochs
+    lr: list[float] = field(default_factory=lambda: [0.01])
+    data_fraction: list[float] = field(default_factory=lambda: [1.0])
+    scope: list[str] = field(default_factory=lambda: ["all"])
+    thief: ThiefBudget = field(default_factory=ThiefBudget)
+
+    @classmethod
+    def from_dict(cls, raw: dict | None) -> "SearchConfig":
+        if raw is not None and not isinstance(raw, dict):
+            raise GradauthError(f"`search` must be a mapping, got {type(raw).__name__}: e.g. {{mode: targeted, levels: 3}}")
+        raw = dict(raw or {})
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise GradauthError(f"unknown key `search.{unknown[0]}` (known: {', '.join(sorted(names))})")
+        thief = raw.pop("thief", None)
+        if thief is not None and not isinstance(thief, (dict, ThiefBudget)):
+            raise GradauthError("`search.thief` must be a mapping, e.g. {fractions: [0.01, 0.05, 0.1], epochs: 30}")
+        if isinstance(thief, dict):
+            tn = {f.name for f in fields(ThiefBudget)}
+            bad = sorted(set(thief) - tn)
+            if bad:
+                raise GradauthError(f"unknown key `search.thief.{bad[0]}` (known: {', '.join(sorted(tn))})")
+            thief = ThiefBudget(**thief)
+        return cls(**raw, thief=thief or ThiefBudget())
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------------------------------------- validation
+    def resolve_targets(self, base_acc: float) -> list[float]:
+        if self.targets is not None:
+            return [float(t) for t in self.targets]
+        return [round(base_acc - self.below_base - k * self.step, 6) for k in range(self.levels)]
+
+    def min_trials(self) -> int:
+        """The fewest trials any successful search needs: two curve tasks, one probe and the seeds of each level,
+        the thief trials (scratch and public at each fraction)."""
+        th = self.thief
+        return 2 + self.levels * self.seeds + 2 * len(th.fractions) * th.seeds
+
+    def validate(self, base_acc: float, lock_bound: float, min_gap: float, lock_mode: str = "rate") -> list[float]:
+        """Refuse an infeasible intent up front with one GradauthError line; returns the absolute targets."""
+        def no(msg):
+            raise GradauthError(f"search: {msg}")
+        if self.mode not in ("grid", "targeted"):
+            no(f"`search.mode` must be grid or targeted, got {self.mode!r}")
+        if isinstance(self.levels, bool) or not isinstance(self.levels, int) or self.levels < 1:
+            no(f"`search.levels` must be a whole number ≥ 1, got {self.levels!r}")
+        if not 0 < self.tolerance < 0.5:
+            no(f"`search.tolerance` {self.tolerance!r} must be in (0, 0.5), e.g. 0.01 for ±1 point")
+        if not isinstance(self.seeds, int) or self.seeds < 1:
+            no(f"`search.seeds` must be a whole number ≥ 1, got {self.seeds!r}")
+        if self.targets is not None and len(self.targets) != self.levels:
+            no(f"`search.targets` has {len(self.targets)} values but `search.levels` is {self.levels}: give one "
+               f"target per level")
+        lo, hi = (self.lock_range + [None, None])[:2] if isinstance(self.lock_range, list) else (None, None)
+        if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo < hi) or len(self.lock_range) != 2:
+            no(f"`search.lock_range` must be [lowest, highest] lock value, got {self.lock_range!r}")
+        if lock_mode == "rate" and not (0 < lo and hi < 1):
+            no(f"`search.lock_range` {self.lock_range} must lie in (0, 1) for rate locks (fractions of all channels)")
+        if self.lock_step is not None and not (isinstance(self.lock_step, (int, float)) and 0 < self.lock_step < hi - lo):
+            no(f"`search.lock_step` {self.lock_step!r} must be > 0 and smaller than the lock range")
+        if not isinstance(self.lock_points, int) or self.lock_points < 2:
+            no(f"`search.lock_points` must be a whole number ≥ 2, got {self.lock_points!r}")
+        e = self.epochs
+        if (not isinstance(e, list) or len(e) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in e)
+                or not 1 <= e[0] <= e[1]):
+            no(f"`search.epochs` must be [fewest, most] whole epochs with 1 ≤ fewest ≤ most, got {e!r}")
+        for name in ("lr", "data_fraction", "scope"):
+            if not isinstance(getattr(self, name), list) or not getattr(self, name):
+                no(f"`search.{name}` must be a non-empty list")
+        if not all(isinstance(x, (int, float)) and x > 0 for x in self.lr):
+            no(f"`search.lr` {self.lr} must hold positive learning rates")
+        if not all(isinstance(x, (int, float)) and 0 < x <= 1 for x in self.data_fraction):
+            no(f"`search.data_fraction` {self.data_fraction} must hold fractions in (0, 1]")
+        if not all(s in ("all", "bn", "head") for s in self.scope):
+            no(f"`search.scope` {self.scope} may only hold all, bn, head")
+        th = self.thief
+        if not th.fractions or not all(isinstance(x, (int, float)) and 0 < x <= 1 for x in th.fractions):
+            no(f"`search.thief.fractions` {th.fractions} must be fractions in (0, 1], e.g. [0.01, 0.05, 0.1]")
+        if th.public_locks not in ("strongest", "levels"):
+            no(f"`search.thief.public_locks` must be strongest or levels, got {th.public_locks!r}")
+        if not isinstance(th.epochs, int) or th.epochs < 1 or not isinstance(th.seeds, int) or th.seeds < 1:
+            no(f"`search.thief.epochs` and `.seeds` must be whole numbers ≥ 1, got {th.epochs!r}, {th.seeds!r}")
+        if self.mode == "grid":
+            return []
+        targets = self.resolve_targets(base_acc)
+        if any(not 0 <= t <= 1 for t in targets):
+            no(f"targets {targets} must be accuracies in [0, 1]")
+        if any(b > a for a, b in zip(targets, targets[1:])):
+            no(f"targets {targets} must fall from level 1 down")
+        if targets[0] > base_acc + _SEARCH_EPS:
+            no(f"level 1's target {targets[0]:.3f} is above the base model's accuracy {base_acc:.3f}: no lock and "
+               f"fine-tune beats the model it starts from; lower `search.targets` or use `search.below_base`")
+        need = min_gap + 2 * self.tolerance
+        for k, (a, b) in enumerate(zip(targets, targets[1:]), start=1):
+            if a - b < need - _SEARCH_EPS:
+                no(f"targets of levels {k} and {k + 1} ({a:.3f}, {b:.3f}) are {a - b:.3f} apart: two levels each "
+                   f"within tolerance {self.tolerance:g} of them could be closer than min_gap {min_gap:g}; space "
+                   f"targets ≥ {need:.3f} apart (min_gap + 2 × tolerance) or lower the tolerance")
+        floor = lock_bound + min_gap
+        if targets[-1] - self.tolerance < floor - _SEARCH_EPS:
+            no(f"level {len(targets)}'s target {targets[-1]:.3f} is below lock bound {lock_bound:.3f} + min_gap "
+               f"{min_gap:g}: a level must beat the public model by min_gap; raise it to ≥ {floor + self.tolerance:.3f} "
+               f"or ask for fewer levels")
+        if self.max_trials is not None and self.max_trials < self.min_trials():
+            no(f"`search.max_trials` {self.max_trials} cannot buy {self.levels} levels × {self.seeds} seeds plus "
+               f"2 curve tasks and {2 * len(th.fractions) * th.seeds} thief trials (at least {self.min_trials()}): "
+               f"raise it or ask for fewer levels or seeds")
+        if self.max_trial_seconds is not None and not self.max_trial_seconds > 0:
+            no(f"`search.max_trial_seconds` must be > 0, got {self.max_trial_seconds!r}")
+        return targets
+
+
+
 @dataclass
 class Config:
     name: str = opt("experiment", "str", check=_name_problem)
@@ -190,10 +410,15 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["importance"] = [dataclasses.asdict(i) for i in self.importance]
+        d["importance"] = [i.to_dict() for i in self.importance]
+        # A default search section (a grid sweep, as every config before it) is left out: config.yaml and
+        # Config.hash() of existing configs stay what they were.
+        if self.search == SearchConfig():
+            d.pop("search")
         return d
 
     def hash(self) -> str:
@@ -366,12 +591,61 @@ def _build(cls, raw: Any, where: str, problems: list[str], bad: set[str]):
 NAME_RULE = next(f for f in fields(ImportanceConfig) if f.name == "name").metadata["rule"]
 
 
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._,=+\[\]-]{0,99}")
+
+
+def _frozen_ok(name: str, key: str, value: Any) -> bool:
+    """A key of FROZEN_KEYS at exactly its written value (a resolved config.yaml read back)."""
+    frozen = FROZEN_KEYS.get(name, {})
+    if key not in frozen or isinstance(value, bool):
+        return False
+    return value is None if frozen[key] is None else (value is not None and value == frozen[key])
+
+
+def _importance(item: dict, where: str, problems: list[str], bad: set[str]) -> ImportanceConfig | None:
+    """One mapping entry: its name by the `name` rule, every other key by the named criterion's settings rules."""
+    from . import registry
+    name = item.get("name", DEFAULT_IMPORTANCE)
+    if "name" in item and check_field(name, NAME_RULE, f"{where}.name", problems) is None:
+        bad.add("importance")
+        return None
+    entry = registry.importance(name)
+    own = {f.name: f for f in fields(entry.settings)} if entry.settings is not None else {}
+    kwargs, before = {}, len(problems)
+    for k, v in item.items():
+        if k == "name" or (k not in own and _frozen_ok(name, k, v)):
+            continue
+        if k in own:
+            n = len(problems)
+            checked = check_field(v, own[k].metadata["rule"], f"{where}.{k}", problems)
+            if len(problems) == n:
+                kwargs[k] = checked
+            continue
+        owners = [e.name for e in registry.table("importance").values()
+                  if e.settings is not None and k in {f.name for f in fields(e.settings)}]
+        if owners:
+            problems.append(f"`{where}.{k}` applies to {', '.join(owners)} only, not {name}: remove it")
+        else:
+            known = ", ".join(["name", *own])
+            problems.append(f"unknown key `{where}.{k}` ({name} takes {known})")
+    if len(problems) > before:
+        bad.add("importance")
+        return None
+    try:
+        settings = entry.settings(**kwargs) if entry.settings is not None else None
+    except (TypeError, ValueError, GradauthError) as e:  # the criterion's own __post_init__ refused the combination
+        problems.append(f"`{where}` {name}: {e}")
+        bad.add("importance")
+        return None
+    return ImportanceConfig(name, settings)
+
+
 def _importances(raw: Any, problems: list[str], bad: set[str]) -> list[ImportanceConfig]:
     if raw is None:
         return [ImportanceConfig()]
     items = raw if isinstance(raw, list) else [raw]
     if not items:
-        problems.append("`importance` is empty: give at least one, e.g. bn_gamma")
+        problems.append(f"`importance` is empty: give at least one, e.g. {DEFAULT_IMPORTANCE}")
         return [ImportanceConfig()]
     out = []
     for i, item in enumerate(items):
@@ -385,20 +659,25 @@ def _importances(raw: Any, problems: list[str], bad: set[str]) -> list[Importanc
             out.append(ImportanceConfig(name=item))
             continue
         if not isinstance(item, dict):
-            problems.append(f"`{where}` must be a name ({', '.join(IMPORTANCES)}) or a mapping such as "
-                            f"{{name: slice, samples: 256}}, got {item!r}")
+            problems.append(f"`{where}` must be a name ({', '.join(NAME_RULE.choice_list())}) or a mapping such as "
+                            f"{{name: slice, samples: 256}}, got {_show(item)}")
             bad.add("importance")
             continue
-        imp = _build(ImportanceConfig, item, where, problems, bad)
-        if imp.name != "slice" and "name" in item and f"{where}.name" not in bad:
-            for k in SLICE_ONLY:  # a resolved config.yaml lists them with their defaults: those are fine
-                if k in item and f"{where}.{k}" not in bad and getattr(imp, k) != getattr(ImportanceConfig(), k):
-                    problems.append(f"`{where}.{k}` applies to slice only, not {imp.name}: remove it")
-        out.append(imp)
-    labels = [i.label for i in out]
-    twice = sorted({lb for j, lb in enumerate(labels) if lb in labels[:j]})
+        imp = _importance(item, where, problems, bad)
+        if imp is not None:
+            out.append(imp)
+    labels = []
+    for imp in out:
+        label = imp.label
+        if not isinstance(label, str) or not _LABEL.fullmatch(label):
+            problems.append(f"importance {imp.name}: its label {_show(label)} cannot name trials and files (letters, "
+                            f"digits and . _ , = + [ ] -, at most 100): fix the criterion's label function")
+            bad.add("importance")
+        labels.append(label)
+    twice = sorted({lb for j, lb in enumerate(labels) if lb in labels[:j]}, key=str)
     if twice:
-        problems.append(f"`importance` lists {', '.join(twice)} more than once: give each importance source once")
+        problems.append(f"`importance` lists {', '.join(map(str, twice))} more than once: give each importance "
+                        f"source once")
     return out or [ImportanceConfig()]
 
 
@@ -414,11 +693,42 @@ def _validate(c: Config, problems: list[str], bad: set[str]) -> None:
         problems.append(f"`select.targets` has {len(c.select.targets)} values but `select.levels` is {c.select.levels}")
 
 
-TOP_LEVEL = {"name", "seed", "data", "model", "train", "importance", "lock", "finetune", "sweep", "select", "release"}
+TOP_LEVEL = {"name", "seed", "data", "model", "train", "importance", "lock", "finetune", "sweep", "select", "release",
+             "search"}
 SECTIONS = {
     "data": DataConfig, "model": ModelConfig, "train": TrainConfig, "lock": LockConfig,
     "finetune": FinetuneConfig, "sweep": SweepConfig, "select": SelectConfig, "release": ReleaseConfig,
 }
+
+
+def _search(raw: Any, lock: Any, problems: list[str]) -> SearchConfig:
+    """The `search` section: every check that needs no base model here (with the other sections' problems); the
+    targets themselves are checked against the base accuracy once it is known (SearchConfig.validate)."""
+    try:
+        sc = SearchConfig.from_dict(raw)
+    except (GradauthError, TypeError) as e:
+        problems.append(str(e))
+        return SearchConfig()
+    mode = lock.get("mode", "rate") if isinstance(lock, dict) else "rate"
+    try:
+        if sc.mode not in ("grid", "targeted"):
+            raise GradauthError(f"search: `search.mode` must be grid or targeted, got {sc.mode!r}")
+        if sc.mode == "targeted" and mode != "rate":
+            raise GradauthError(f"search: the targeted search takes rate locks only, got lock.mode {mode!r}: use "
+                                f"lock.mode: rate, or search.mode: grid")
+        for name in ("max_trials", "max_concurrent"):
+            v = getattr(sc, name)
+            if (v is not None or name == "max_concurrent") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise GradauthError(f"search: `search.{name}` must be a whole number ≥ 1, got {v!r}")
+        if sc.max_trial_seconds is not None and (isinstance(sc.max_trial_seconds, bool) or not
+                                                 isinstance(sc.max_trial_seconds, (int, float)) or not sc.max_trial_seconds > 0):
+            raise GradauthError(f"search: `search.max_trial_seconds` must be > 0, got {sc.max_trial_seconds!r}")
+        dataclasses.replace(sc, mode="grid").validate(0.5, 0.0, 0.0, mode)  # every check but the targets'
+    except GradauthError as e:
+        problems.append(str(e))
+    except TypeError as e:  # a value of a type no check expected (e.g. text where a number goes)
+        problems.append(f"search: a value has the wrong type ({e}): see SearchConfig in gradauth/config.py")
+    return sc
 
 
 def _parse(raw: Any, source: str, problems: list[str]) -> Config:
@@ -435,8 +745,12 @@ def _parse(raw: Any, source: str, problems: list[str]) -> Config:
             v = check_field(raw[k], top[k].metadata["rule"], k, problems)
             if len(problems) == before:
                 kwargs[k] = v
+    kwargs["search"] = _search(raw.get("search"), raw.get("lock"), problems)
     cfg = Config(importance=_importances(raw.get("importance"), problems, bad), **kwargs)
     _validate(cfg, problems, bad)
+    if cfg.search.mode == "targeted" and len(cfg.importance) != 1 and "importance" not in bad:
+        problems.append(f"`search.mode: targeted` searches one importance source, got {len(cfg.importance)} "
+                        f"({', '.join(i.label for i in cfg.importance)}): keep one, or use `search.mode: grid`")
     if problems:
         raise GradauthError(f"{source}: " + "; ".join(problems))
     return cfg

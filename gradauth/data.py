@@ -1,7 +1,9 @@
 """Datasets as whole uint8 tensors, augmented in whole batches on the trial's device (the airbench way).
 
 No DataLoader workers and no PIL in the training loop: a trial holds its split in memory (on the GPU where there is
-one) and `augment` crops and flips a whole batch with a few tensor ops.
+one) and `augment` crops and flips a whole batch with a few tensor ops. Datasets are registered loaders
+(`register_dataset(name)`: `load(cfg, seed) -> Loaded`, the built-ins below included); `load_dataset` checks what a
+loader returns and makes the validation split, subsets and normalisation the same way for all of them.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 
 from .config import DataConfig
 from .errors import GradauthError
+from .registry import register_dataset
 
 
 @dataclass
@@ -60,6 +63,15 @@ class Dataset:
     def to(self, device) -> "Dataset":
         return Dataset(self.name, self.train.to(device), self.val.to(device), self.test.to(device),
                        self.num_classes, self.mean, self.std, self.crop_pad, self.flip)
+
+
+@dataclass
+class Loaded:
+    """What a dataset loader returns: uint8 images N×C×H×W and int64 labels in 0…num_classes-1, for the train split
+    (the validation split is held out of it by `data.val_fraction`) and the test split."""
+    train: Split
+    test: Split
+    num_classes: int
 
 
 # ---- batch transforms (pure tensor in, tensor out) -----------------------------------------------------------
@@ -124,7 +136,8 @@ def _stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(mean), tuple(std)
 
 
-def _digits(cfg: DataConfig, seed: int):
+@register_dataset("digits", _builtin=True)
+def _digits(cfg: DataConfig, seed: int) -> Loaded:
     from sklearn.datasets import load_digits
     d = load_digits()
     x = torch.from_numpy((d.images * (255.0 / 16.0)).round().astype(np.uint8))[:, None]  # N×1×8×8
@@ -132,7 +145,7 @@ def _digits(cfg: DataConfig, seed: int):
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + 1))
     n_test = int(round(len(y) * cfg.test_fraction))
     test = Split(x[perm[:n_test]], y[perm[:n_test]])
-    return x[perm[n_test:]], y[perm[n_test:]], test, 10
+    return Loaded(Split(x[perm[n_test:]], y[perm[n_test:]]), test, 10)
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -192,8 +205,17 @@ def _cifar(cfg: DataConfig, hundred: bool):
             xs.append(x), ys.append(y)
         return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
-    x, y = read(files)
-    return x, y, Split(*read([test_file])), k
+    return Loaded(Split(*read(files)), Split(*read([test_file])), k)
+
+
+@register_dataset("cifar10", _builtin=True)
+def _cifar10(cfg: DataConfig, seed: int) -> Loaded:
+    return _cifar(cfg, hundred=False)
+
+
+@register_dataset("cifar100", _builtin=True)
+def _cifar100(cfg: DataConfig, seed: int) -> Loaded:
+    return _cifar(cfg, hundred=True)
 
 
 def _class_folders(folder: Path) -> list[str]:
@@ -204,7 +226,8 @@ def _class_folders(folder: Path) -> list[str]:
         raise GradauthError(f"imagefolder {folder} cannot be read ({e.strerror or e}): check the path and permissions")
 
 
-def _imagefolder(cfg: DataConfig, seed: int):
+@register_dataset("imagefolder", _builtin=True)
+def _imagefolder(cfg: DataConfig, seed: int) -> Loaded:
     import torchvision
     from PIL import Image
     from torchvision.transforms import v2
@@ -239,7 +262,7 @@ def _imagefolder(cfg: DataConfig, seed: int):
                 raise GradauthError(f"image {path} cannot be decoded ({why}): remove or replace it")
         splits[part] = (torch.stack(xs), torch.tensor(ds.targets), len(ds.classes))
     x, y, k = splits["train"]
-    return x, y, Split(*splits["test"][:2]), k
+    return Loaded(Split(x, y), Split(*splits["test"][:2]), k)
 
 
 def _root(cfg: DataConfig) -> Path:
@@ -251,16 +274,37 @@ def _root(cfg: DataConfig) -> Path:
     raise GradauthError(f"data.root is not set for {cfg.name}: set data.root in the config or $GRADAUTH_DATA")
 
 
+def _loaded_problem(got, name: str) -> str | None:
+    """Why a loader's return value is not a `Loaded` gradauth can use (a user's loader is refused in one line)."""
+    if not isinstance(got, Loaded):
+        return f"returned {type(got).__name__}, not gradauth.data.Loaded(train=Split(x, y), test=Split(x, y), num_classes)"
+    if not isinstance(got.num_classes, int) or isinstance(got.num_classes, bool):
+        return f"num_classes must be a whole number, got {got.num_classes!r}"
+    shapes = set()
+    for part, split in (("train", got.train), ("test", got.test)):
+        x, y = getattr(split, "x", None), getattr(split, "y", None)
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() != 4:
+            return f"{part} images must be a uint8 tensor N×C×H×W, got " + \
+                (f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__)
+        if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.shape != (len(x),):
+            return f"{part} labels must be an int64 tensor with one label per image ({len(x)}), got " + \
+                (f"{y.dtype} of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__)
+        if len(y) and not (0 <= int(y.min()) and int(y.max()) < got.num_classes):
+            return f"{part} labels must be in 0…{got.num_classes - 1}, got {int(y.min())}…{int(y.max())}"
+        shapes.add(tuple(x.shape[1:]))
+    if len(shapes) > 1:
+        return f"train and test images differ in shape ({' vs '.join(map(str, sorted(shapes)))})"
+    return None
+
+
 def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     """The fixed, seeded train/val/test split of the configured dataset, as uint8 tensors on the CPU."""
-    if cfg.name == "digits":
-        x, y, test, k = _digits(cfg, seed)
-    elif cfg.name in ("cifar10", "cifar100"):
-        x, y, test, k = _cifar(cfg, cfg.name == "cifar100")
-    elif cfg.name == "imagefolder":
-        x, y, test, k = _imagefolder(cfg, seed)
-    else:
-        raise GradauthError(f"unknown dataset {cfg.name!r}")
+    from .registry import dataset
+    got = dataset(cfg.name).load(cfg, seed)
+    problem = _loaded_problem(got, cfg.name)
+    if problem:
+        raise GradauthError(f"dataset {cfg.name}: its loader {problem}: fix the loader")
+    x, y, test, k = got.train.x, got.train.y, got.test, got.num_classes
     if k < 2:
         raise GradauthError(f"{cfg.name} has {k} class{'' if k == 1 else 'es'}: a classifier needs at least 2")
     train, val = _split_train_val(x, y, cfg.val_fraction, seed)
@@ -279,12 +323,13 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
 
 def check_config_against(cfg, ds: Dataset) -> None:
     """What a config asks of its data that only the loaded data can answer, checked before training (the sweep would
-    find it only after the base model is trained): the classes a slice importance slices from."""
+    find it only after the base model is trained): each importance criterion's `check_data` (slice: its classes)."""
+    from .registry import importance
     problems = []
     for imp in cfg.importance:
-        bad = [c for c in imp.classes or [] if c >= ds.num_classes]
-        if bad:
-            problems.append(f"`importance` {imp.label} names classes {bad}, but {ds.name} has classes "
-                            f"0…{ds.num_classes - 1}: use those")
+        check = importance(imp.name).check_data
+        problem = check(imp.settings, ds) if check else None
+        if problem:
+            problems.append(f"`importance` {imp.label} {problem}")
     if problems:
         raise GradauthError("; ".join(problems))

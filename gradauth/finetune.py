@@ -1,7 +1,6 @@
 """Fine-tune a locked model under one schedule, with the lock held (masked channels stay exactly zero)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -9,17 +8,9 @@ import torch.nn as nn
 
 from .data import Dataset
 from .engine import FitSpec, fit, make_optimizer
+from .knobs import Schedule  # the fine-tune knobs, one field each (knobs.py); re-exported here
 from .models import bn_layers, head_layer
 from .prune import Masks, apply_masks, enforce_masks
-
-
-@dataclass(frozen=True)
-class Schedule:
-    epochs: int
-    lr: float
-    data_fraction: float = 1.0
-    scope: str = "all"     # all | bn (BN γ/β only) | head (last linear only)
-    seed: int = 0
 
 
 def scope_params(model: nn.Module, scope: str) -> list[nn.Parameter]:
@@ -35,7 +26,8 @@ def scope_params(model: nn.Module, scope: str) -> list[nn.Parameter]:
 def finetune(model: nn.Module, masks: Masks, ds: Dataset, sched: Schedule, *, batch_size: int = 64,
              momentum: float = 0.9, weight_decay: float = 1e-4, precision: str = "fp32", state: dict | None = None,
              on_epoch: Callable[[int, torch.optim.Optimizer], None] | None = None, progress: str | None = None) -> nn.Module:
-    """Fine-tune `model` (on ds's device) in place; `state` = {"epoch", "model", "optimizer"} resumes a checkpoint."""
+    """Fine-tune `model` (on ds's device) in place under every knob of `sched`; `state` = {"epoch", "model",
+    "optimizer"} resumes a checkpoint. A knob added to `Schedule` is used here."""
     apply_masks(model, masks)
     params = scope_params(model, sched.scope)
     for p in model.parameters():

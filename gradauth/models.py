@@ -2,7 +2,8 @@
 
 All models are plain `nn.Module`s traceable by torch.fx (the compactor and the slicer walk their graphs).
 `build_model(arch, num_classes, in_channels, width)` is the one entry point; `torchvision:<name>` takes any
-torchvision classifier (randomly initialised: weights are never downloaded).
+torchvision classifier (randomly initialised: weights are never downloaded). Every architecture, these included, is a
+registration (`register_model`, see registry.py): an exact name, or a prefix with a check of what follows it.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from .errors import GradauthError
+from .registry import register_model
 
 VGG_CFGS = {
     "vgg_tiny": [16, 16, "M", 32, 32, "M", 64],  # the digits quickstart (8×8 inputs)
@@ -145,48 +147,78 @@ class DenseNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-ARCHS = ("vgg_tiny", "vgg11", "vgg16", "vgg19", "resnet10", "resnet18", "resnet20", "resnet56", "densenet40", "torchvision:<name>")
+def _vgg(arch: str, num_classes: int, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+    return VGG(VGG_CFGS[arch], num_classes, in_channels, width)
+
+
+for _name in VGG_CFGS:
+    register_model(_name, _vgg, _builtin=True)
+
+
+def _depth(arch: str, prefix: str) -> int | None:
+    tail = arch[len(prefix):]
+    return int(tail) if tail.isdigit() else None
+
+
+def _resnet_problem(arch: str) -> str | None:
+    depth = _depth(arch, "resnet")
+    if depth is not None and (depth in WIDE_RESNETS or (depth >= 8 and (depth - 2) % 6 == 0)):
+        return None
+    return f"{arch!r}: CIFAR ResNet depth must be 6n+2 (20, 56, 110) or 10/18/34"
+
+
+@register_model("resnet", prefix=True, check=_resnet_problem, shown="resnet<depth>", _builtin=True)
+def _resnet(arch: str, num_classes: int, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+    return ResNet(int(arch[6:]), num_classes, in_channels, width)
+
+
+def _densenet_problem(arch: str) -> str | None:
+    depth = _depth(arch, "densenet")
+    if depth is not None and depth >= 7 and (depth - 4) % 3 == 0:
+        return None
+    return f"{arch!r}: DenseNet depth must be 3n+4 with n ≥ 1 (e.g. 40)"
+
+
+@register_model("densenet", prefix=True, check=_densenet_problem, shown="densenet<depth>", _builtin=True)
+def _densenet(arch: str, num_classes: int, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+    return DenseNet(int(arch[8:]), num_classes, in_channels, width)
+
+
+def _torchvision_problem(arch: str) -> str | None:
+    import torchvision
+    name = arch.split(":", 1)[1]
+    if name not in torchvision.models.list_models(torchvision.models):
+        return f"torchvision has no classifier {name!r}: see torchvision.models.list_models()"
+    return None
+
+
+@register_model("torchvision:", prefix=True, check=_torchvision_problem, shown="torchvision:<name>", _builtin=True)
+def _torchvision(arch: str, num_classes: int, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+    import torchvision
+    if in_channels != 3:
+        raise GradauthError(f"torchvision models take 3-channel images; {arch} cannot read {in_channels}-channel data")
+    return torchvision.models.get_model(arch.split(":", 1)[1], weights=None, num_classes=num_classes)
 
 
 def arch_problem(arch: str) -> str | None:
     """Why `build_model` would refuse `arch` (with the fix), or None: the config check, without building anything."""
-    if arch in VGG_CFGS:
-        return None
-    if arch.startswith("resnet") and arch[6:].isdigit():
-        depth = int(arch[6:])
-        if depth in WIDE_RESNETS or (depth >= 8 and (depth - 2) % 6 == 0):
-            return None
-        return f"{arch!r}: CIFAR ResNet depth must be 6n+2 (20, 56, 110) or 10/18/34"
-    if arch.startswith("densenet") and arch[8:].isdigit():
-        depth = int(arch[8:])
-        if depth >= 7 and (depth - 4) % 3 == 0:
-            return None
-        return f"{arch!r}: DenseNet depth must be 3n+4 with n ≥ 1 (e.g. 40)"
-    if arch.startswith("torchvision:"):
-        import torchvision
-        name = arch.split(":", 1)[1]
-        if name not in torchvision.models.list_models(torchvision.models):
-            return f"torchvision has no classifier {name!r}: see torchvision.models.list_models()"
-        return None
-    return f"{arch!r} is not a known model.arch: choose one of {', '.join(ARCHS)}"
+    from .registry import hint, model, names
+    entry = model(arch)
+    if entry is None:
+        return f"{arch!r} is not a known model.arch: choose one of {', '.join(names('model'))} (or register yours: {hint()})"
+    return entry.check(arch) if entry.check else None
 
 
 def build_model(arch: str, num_classes: int, in_channels: int = 3, width: float = 1.0) -> nn.Module:
-    if arch in VGG_CFGS:
-        return VGG(VGG_CFGS[arch], num_classes, in_channels, width)
-    if arch.startswith("resnet") and arch[6:].isdigit():
-        return ResNet(int(arch[6:]), num_classes, in_channels, width)
-    if arch.startswith("densenet") and arch[8:].isdigit():
-        return DenseNet(int(arch[8:]), num_classes, in_channels, width)
-    if arch.startswith("torchvision:"):
-        import torchvision
-        name = arch.split(":", 1)[1]
-        if name not in torchvision.models.list_models(torchvision.models):
-            raise GradauthError(f"torchvision has no classifier {name!r}: see torchvision.models.list_models()")
-        if in_channels != 3:
-            raise GradauthError(f"torchvision models take 3-channel images; {arch} cannot read {in_channels}-channel data")
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    raise GradauthError(f"unknown model.arch {arch!r}: choose one of {', '.join(ARCHS)}")
+    from .registry import model
+    problem = arch_problem(arch)
+    if problem:
+        raise GradauthError(problem)
+    net = model(arch).build(arch, num_classes, in_channels, width)
+    if not isinstance(net, nn.Module):
+        raise GradauthError(f"model.arch {arch!r}: its builder returned {type(net).__name__}, not a torch nn.Module: "
+                            f"fix the builder")
+    return net
 
 
 def bn_layers(model: nn.Module) -> dict[str, nn.BatchNorm2d]:

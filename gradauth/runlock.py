@@ -69,6 +69,7 @@ def run_lock(out: str | os.PathLike, command: str, create: bool = True) -> Itera
         finally:
             _held[key][1] -= 1
         return
+    created = not out.exists()  # a failed first command leaves no empty folder behind
     fd = _open_locked(out, path)
     try:
         since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -82,6 +83,9 @@ def run_lock(out: str | os.PathLike, command: str, create: bool = True) -> Itera
             del _held[key]
             with contextlib.suppress(OSError):
                 os.unlink(path)  # while still locked: a run that opened it meanwhile sees it was replaced
+            if created:
+                with contextlib.suppress(OSError):
+                    out.rmdir()  # only if empty: what a run wrote stays
     finally:
         os.close(fd)  # releases the flock
 

@@ -20,26 +20,64 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import GradauthError
+from .knobs import LockSpec, Schedule, knobs
 
-# The trials.parquet contract, column → Arrow type (`pa.schema(TRIAL_COLUMNS)` is the file's schema).
+_ARROW = {"int": pa.int64(), "float": pa.float64(), "str": pa.string()}
+
+
+def knob_columns(cls) -> dict:
+    """Column → Arrow type of a LockSpec / Schedule class, from its fields' metadata (knobs.py)."""
+    return {m["column"]: _ARROW[m["kind"]] for _, m in knobs(cls)}
+
+
+# The trials.parquet contract, column → Arrow type (`pa.schema(TRIAL_COLUMNS)` is the file's schema). The lock
+# columns (importance, lock_mode, lock_value) and the schedule columns (ft_epochs, ft_lr, ft_data_fraction, ft_scope,
+# seed, then any knob added to Schedule) come from the fields of LockSpec and Schedule.
 TRIAL_COLUMNS = {
     "trial_id": pa.string(), "dataset": pa.string(), "arch": pa.string(), "num_classes": pa.int64(),
-    "importance": pa.string(), "lock_mode": pa.string(), "lock_value": pa.float64(),
-    "locked_channels": pa.int64(), "total_channels": pa.int64(),
-    "ft_epochs": pa.int64(), "ft_lr": pa.float64(), "ft_data_fraction": pa.float64(), "ft_scope": pa.string(),
-    "seed": pa.int64(), "base_acc": pa.float64(), "prun_acc": pa.float64(), "fine_acc": pa.float64(),
+    **knob_columns(LockSpec), "locked_channels": pa.int64(), "total_channels": pa.int64(), **knob_columns(Schedule),
+    "base_acc": pa.float64(), "prun_acc": pa.float64(), "fine_acc": pa.float64(),
     "fine_top3": pa.float64(), "params": pa.int64(), "flops": pa.int64(), "status": pa.string(),
     "seconds": pa.float64(), "git_sha": pa.string(), "config_hash": pa.string(),
 }
+# Written by the sweep after the columns above, but optional for readers: a trials.parquet written before it existed
+# (or by hand) lacks it, and a missing phase means grid. `phase` says what a trial was for: a grid point
+# (`search.mode: grid`), or a targeted search's level candidate or thief attack (search.py). Only grid and level
+# rows are level candidates; thief rows are what a level must beat.
+OPTIONAL_COLUMNS = {"phase": pa.string()}
+OPTIONAL = tuple(OPTIONAL_COLUMNS)
+WRITTEN_COLUMNS = TRIAL_COLUMNS | OPTIONAL_COLUMNS  # what `gradauth sweep` writes, in this order
+PHASES = ("grid", "level", "thief")
 # ok: fine-tuned; unlockable: locked accuracy above the bound, not fine-tuned; error: the trial failed;
 # degenerate: fine-tuned to a model that is no use (e.g. a lock that removes a whole layer).
 STATUSES = ("ok", "unlockable", "error", "degenerate")
 ACCURACIES = ("base_acc", "prun_acc", "fine_acc", "fine_top3")
 # A grid point: the columns that, with the seed, make one trial. Two rows of one grid point would count a seed twice.
-GRID = ("importance", "lock_mode", "lock_value", "ft_epochs", "ft_lr", "ft_data_fraction", "ft_scope", "seed")
+GRID = (*knob_columns(LockSpec), *knob_columns(Schedule))
+# Of those, the ones every trials.parquet has (a knob added later may be absent from an older file: its default).
+GRID_REQUIRED = tuple(m["column"] for cls in (LockSpec, Schedule) for _, m in knobs(cls) if m["id_always"])
 # What a finished (ok) trial must carry, finite.
 OK_REQUIRED = ("prun_acc", "fine_acc")
 REWRITE_TRIALS = "re-run `gradauth sweep CONFIG` (or `--resume`) to rewrite it"
+# Thief trials (search.py's `thief` phase): trial_id `thief-…`, importance `scratch` (lock_mode `none`) for a model
+# trained from scratch, else the public model's lock; their schedule is in the ft_* columns. Optional `phase` column:
+# grid | level | thief (absent in sweeps written before the targeted search).
+THIEF_PREFIX = "thief-"
+SCRATCH = "scratch"
+PHASES = ("grid", "level", "thief")
+
+
+def thief_rows(df: pd.DataFrame) -> pd.Series:
+    """Boolean mask of the thief trials of a trials table (by `phase` when the column says so, else by trial id or
+    the `scratch` importance). A thief trial is an attack measurement, never a level candidate."""
+    mask = pd.Series(False, index=df.index)
+    if "trial_id" in df:
+        mask |= df["trial_id"].astype(str).str.startswith(THIEF_PREFIX)
+    if "importance" in df:
+        mask |= df["importance"].astype(str) == SCRATCH
+    if "phase" in df:
+        mask |= df["phase"].astype(str) == "thief"
+    return mask
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -91,8 +129,8 @@ def read_trials(path: str | os.PathLike, needed=()) -> pd.DataFrame:
     if missing:
         raise GradauthError(f"{path} lacks column(s) {', '.join(missing)}: it was not written by `gradauth sweep`; "
                             f"{REWRITE_TRIALS}")
-    mistyped = [f"{c} ({table.schema.field(c).type}, {TRIAL_COLUMNS[c]} expected)" for c in names
-                if c in TRIAL_COLUMNS and not _fits(TRIAL_COLUMNS[c], table.schema.field(c).type)]
+    mistyped = [f"{c} ({table.schema.field(c).type}, {WRITTEN_COLUMNS[c]} expected)" for c in names
+                if c in WRITTEN_COLUMNS and not _fits(WRITTEN_COLUMNS[c], table.schema.field(c).type)]
     if mistyped:
         raise bad(f"column(s) of the wrong type: {', '.join(mistyped)}")
     if table.num_rows == 0:
@@ -118,6 +156,11 @@ def _check_rows(df: pd.DataFrame, bad) -> None:
         dup = ids.duplicated(keep=False)
         if dup.any():
             raise bad(f"duplicated trial_id(s) {', '.join(sorted(set(ids[dup])))[:200]} (each seed would count twice)")
+    if "phase" in df:
+        unknown = sorted({str(p) for p in df["phase"] if p is not None and not (isinstance(p, float) and math.isnan(p))
+                          and p not in PHASES})
+        if unknown:
+            raise bad(f"unknown phase {', '.join(unknown)[:100]} (expected one of {', '.join(PHASES)})")
     if "status" in df:
         unknown = sorted({str(s) for s in df["status"] if s not in STATUSES})
         if unknown:
@@ -141,6 +184,7 @@ def _check_rows(df: pd.DataFrame, bad) -> None:
                 nan = ok & pd.to_numeric(df[c], errors="coerce").isna()
                 if nan.any():
                     raise bad(f"{c} is NaN/missing in finished (status ok) trial(s) {_where(df, nan)}")
+    _check_thief_rows(df, bad)
     grid = [c for c in GRID if c in df]
     for c in grid:
         nan = df[c].isna()
@@ -151,10 +195,36 @@ def _check_rows(df: pd.DataFrame, bad) -> None:
         few = n.notna() & (n < 2)
         if few.any():
             raise bad(f"num_classes below 2 in trial(s) {_where(df, few)}")
-    if len(grid) == len(GRID):
-        twice = df.duplicated(list(GRID), keep=False)
+    if set(GRID_REQUIRED) <= set(grid):
+        # A thief trial may share a level trial's grid point (same lock and schedule, another meaning): duplicates
+        # are counted within each kind.
+        twice = df.assign(_thief=thief_rows(df)).duplicated([*grid, "_thief"], keep=False)
         if twice.any():
             raise bad(f"trials {_where(df, twice)} are the same grid point and seed (a seed would count twice)")
+
+
+def _check_thief_rows(df: pd.DataFrame, bad) -> None:
+    """Thief rows must say the same thing in every column that marks them, and a scratch model has no lock."""
+    if "phase" in df:
+        phase = df["phase"]
+        unknown = sorted({str(p) for p in phase if p is not None and not (isinstance(p, float) and math.isnan(p))
+                          and p not in PHASES})
+        if unknown:
+            raise bad(f"unknown phase {', '.join(unknown)[:100]} (expected one of {', '.join(PHASES)})")
+        said = phase.notna()
+        by_id = df["trial_id"].astype(str).str.startswith(THIEF_PREFIX) if "trial_id" in df else False
+        mixed = said & ((phase == "thief") != by_id)
+        if mixed.any():
+            raise bad(f"trial(s) {_where(df, mixed)} have phase and trial_id that disagree on being a thief trial")
+    if "importance" in df and "trial_id" in df:
+        scratch = df["importance"].astype(str) == SCRATCH
+        odd = scratch & ~df["trial_id"].astype(str).str.startswith(THIEF_PREFIX)
+        if odd.any():
+            raise bad(f"trial(s) {_where(df, odd)} have importance scratch but are not thief trials (trial_id thief-…)")
+        if "lock_mode" in df:
+            locked = scratch & (df["lock_mode"].astype(str) != "none")
+            if locked.any():
+                raise bad(f"from-scratch thief trial(s) {_where(df, locked)} carry a lock (lock_mode must be none)")
 
 
 # ---- levels.json -----------------------------------------------------------------------------------------------
@@ -171,6 +241,18 @@ def _acc(x) -> bool:
     return _num(x) and 0 <= x <= 1
 
 
+_KIND_OK = {"int": _int, "float": _num, "str": lambda v: isinstance(v, str)}
+# levels.json's `schedule`: Schedule's grouping knobs by field name (knobs.schedule_dict); the original ones must be
+# there, a knob added later may be absent (an older file: its default), and each present one has its field's type.
+_SCHEDULE_KNOBS = [(f.name, m) for f, m in knobs(Schedule) if m["group"]]
+_SCHEDULE_KEYS = [name for name, m in _SCHEDULE_KNOBS if m["id_always"]]
+
+
+def _schedule_ok(v) -> bool:
+    return isinstance(v, dict) and all(k in v for k in _SCHEDULE_KEYS) and all(
+        _KIND_OK[m["kind"]](v[name]) for name, m in _SCHEDULE_KNOBS if name in v)
+
+
 # key → (check, what it must be); required keys of every level, then optional ones checked when present
 LEVEL_REQUIRED = {
     "level": (_int, "a whole number"), "fine_acc": (_acc, "an accuracy in [0, 1]"),
@@ -179,15 +261,14 @@ LEVEL_REQUIRED = {
     "lock_mode": (lambda v: isinstance(v, str) and v, "a lock mode"), "lock_value": (_num, "a number"),
     "fine_acc_std": (lambda v: _num(v) and v >= 0, "a std ≥ 0"),
     "prun_acc": (lambda v: v is None or _acc(v), "an accuracy in [0, 1]"),
-    "schedule": (lambda v: isinstance(v, dict) and _int(v.get("epochs")) and _num(v.get("lr"))
-                 and _num(v.get("data_fraction")) and isinstance(v.get("scope"), str),
-                 "{epochs, lr, data_fraction, scope}"),
+    "schedule": (lambda v: _schedule_ok(v), "{" + ", ".join(_SCHEDULE_KEYS) + "}"),
 }
 LEVEL_OPTIONAL = {
     "importance": (lambda v: isinstance(v, str) and v, "an importance name"),
     "locked_channels": (lambda v: _int(v) and v >= 0, "a whole number ≥ 0"),
     "fine_top3": (_acc, "an accuracy in [0, 1]"), "fine_top3_std": (lambda v: _num(v) and v >= 0, "a std ≥ 0"),
     "seeds": (lambda v: _int(v) and v >= 1, "a whole number ≥ 1"),
+    "thief_margin": (_num, "a number (fine_acc minus the best thief's)"),
 }
 
 
@@ -238,6 +319,10 @@ def read_levels(path: str | os.PathLike, trials: pd.DataFrame | None = None, req
             {"levels": _int, "min_gap": _num, "max_locked_acc": _acc,
              "targets": lambda v: isinstance(v, list) and all(_acc(t) for t in v)}.items()):
         raise bad("`settings` is not an object of levels, min_gap, max_locked_acc, targets")
+    thief = doc.get("thief")
+    if thief is not None and not (isinstance(thief, dict) and _acc(thief.get("best_acc"))
+                                  and isinstance(thief.get("by_fraction", []), list)):
+        raise bad("`thief` is not an object with best_acc (an accuracy) and by_fraction (a list)")
     if "trials_sha256" in doc and not isinstance(doc["trials_sha256"], str):
         raise bad("trials_sha256 must be a string")
     if trials is not None:
@@ -262,5 +347,6 @@ def check_levels_current(doc: dict, levels_path: Path, trials_path: Path) -> Non
                             f"trials_sha256 differs): re-run `gradauth select {levels_path.parent}` first")
 
 
-__all__ = ["TRIAL_COLUMNS", "STATUSES", "read_trials", "read_levels", "file_sha256", "levels_current",
+__all__ = ["TRIAL_COLUMNS", "OPTIONAL_COLUMNS", "WRITTEN_COLUMNS", "PHASES", "STATUSES", "thief_rows", "THIEF_PREFIX",
+           "SCRATCH", "read_trials", "read_levels", "file_sha256", "levels_current",
            "check_levels_current"]

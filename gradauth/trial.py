@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, field, make_dataclass
 from typing import Callable
 
 import torch
@@ -16,29 +16,50 @@ from .checkpoint import ModelSpec
 from .compact import compact, count_flops, count_params
 from .data import Dataset
 from .engine import evaluate
-from .finetune import Schedule, finetune
+from .finetune import finetune
+from .knobs import LockSpec, Schedule, knobs, schedules, to_row, trial_id
 from .prune import Masks, apply_masks, count_removed, empty_layers, lock_masks
 
 
-@dataclass(frozen=True)
-class TrialSpec:
-    importance: str   # label of the importance source, e.g. bn_gamma, slice, slice[3,5]
-    lock_mode: str
-    lock_value: float
-    epochs: int
-    lr: float
-    data_fraction: float
-    scope: str
-    seed: int
+def _flat_fields() -> tuple[list, dict]:
+    """TrialSpec's fields: LockSpec's under their column names (importance, lock_mode, lock_value), then Schedule's
+    under their own names (epochs, lr, data_fraction, scope, seed, and any knob added to Schedule)."""
+    out, where = [], {}
+    for cls, flat in ((LockSpec, lambda f, m: m["column"]), (Schedule, lambda f, m: f.name)):
+        for f, m in knobs(cls):
+            name = flat(f, m)
+            kw = {} if f.default is MISSING else {"default": f.default}
+            out.append((name, f.type, field(**kw)))
+            where[name] = (cls, f.name)
+    return out, where
 
-    @property
-    def trial_id(self) -> str:
-        return (f"{self.importance}-{self.lock_mode}{self.lock_value:g}-e{self.epochs}-lr{self.lr:g}"
-                f"-f{self.data_fraction:g}-{self.scope}-s{self.seed}")
 
-    @property
-    def schedule(self) -> Schedule:
-        return Schedule(self.epochs, self.lr, self.data_fraction, self.scope, self.seed)
+_FIELDS, _WHERE = _flat_fields()
+
+
+def _lock(self) -> LockSpec:
+    return LockSpec(**{f: getattr(self, n) for n, (cls, f) in _WHERE.items() if cls is LockSpec})
+
+
+def _schedule(self) -> Schedule:
+    return Schedule(**{f: getattr(self, n) for n, (cls, f) in _WHERE.items() if cls is Schedule})
+
+
+def _of(cls, lock: LockSpec, schedule: Schedule) -> "TrialSpec":
+    """The trial of one lock and one schedule."""
+    kw = {n: getattr(lock if c is LockSpec else schedule, f) for n, (c, f) in _WHERE.items()}
+    return cls(**kw)
+
+
+# One sweep trial: a LockSpec and a Schedule, flat (TrialSpec("bn_gamma", "rate", 0.1, 8, 0.005, 1.0, "all", 0),
+# `asdict` gives the flat dict Tune's param_space carries and `TrialSpec(**d)` reads back), its fields generated from
+# the two classes so a knob added to Schedule is a TrialSpec field too. `.lock`, `.schedule` give the objects;
+# `trial_id` is derived from their fields (knobs.trial_id).
+TrialSpec = make_dataclass(
+    "TrialSpec", _FIELDS, frozen=True, namespace={
+        "lock": property(_lock), "schedule": property(_schedule), "of": classmethod(_of),
+        "trial_id": property(lambda self: trial_id(self.lock, self.schedule)),
+        "__module__": __name__, "__doc__": "One sweep trial: a LockSpec and a Schedule, flat (see knobs.py)."})
 
 
 @dataclass
@@ -61,7 +82,8 @@ def locked_model(ctx: TrialContext, t: TrialSpec) -> tuple[nn.Module, Masks]:
     from .models import build_model
     model = build_model(ctx.spec.arch, ctx.spec.num_classes, ctx.spec.in_channels, ctx.spec.width)
     model.load_state_dict(ctx.base_state)
-    masks = lock_masks(ctx.scores[t.importance], t.lock_mode, t.lock_value)
+    lock = t.lock
+    masks = lock_masks(ctx.scores[lock.importance], lock.mode, lock.value)
     # Zero the locked channels but keep no gradient hook: `finetune` registers the masks once the model is on its
     # device; a hook from here would hold a CPU tensor and fail the first backward on a GPU (g * k across devices).
     for h in apply_masks(model, masks):
@@ -71,10 +93,9 @@ def locked_model(ctx: TrialContext, t: TrialSpec) -> tuple[nn.Module, Masks]:
 
 def base_row(ctx: TrialContext, t: TrialSpec) -> dict:
     ds = ctx.ds
+    # the lock and schedule columns come from their fields (knobs.py), so a new knob is a new column by itself
     return {"trial_id": t.trial_id, "dataset": ds.name, "arch": ctx.spec.arch, "num_classes": ds.num_classes,
-            "importance": t.importance, "lock_mode": t.lock_mode, "lock_value": float(t.lock_value),
-            "ft_epochs": t.epochs, "ft_lr": float(t.lr), "ft_data_fraction": float(t.data_fraction),
-            "ft_scope": t.scope, "seed": t.seed, "base_acc": ctx.base_acc, **(ctx.provenance or {})}
+            **to_row(t.lock), **to_row(t.schedule), "base_acc": ctx.base_acc, **(ctx.provenance or {})}
 
 
 def run_trial(ctx: TrialContext, t: TrialSpec, device: torch.device, *, ds: Dataset | None = None,
@@ -134,10 +155,9 @@ def degenerate_lock(model: nn.Module, masks: Masks, example: torch.Tensor) -> st
 
 def grid(cfg) -> list[TrialSpec]:
     """Every (importance × lock value × schedule × seed) of the config, in a stable order."""
-    ft = cfg.finetune
-    return [TrialSpec(imp.label, cfg.lock.mode, float(v), int(e), float(lr), float(f), s, int(seed))
-            for imp in cfg.importance for v in cfg.lock.values for e in ft.epochs for lr in ft.lr
-            for f in ft.data_fraction for s in ft.scope for seed in ft.seeds]
+    scheds = schedules(cfg.finetune)
+    return [TrialSpec.of(LockSpec(imp.label, cfg.lock.mode, float(v)), s)
+            for imp in cfg.importance for v in cfg.lock.values for s in scheds]
 
 
 def spec_from_dict(d: dict) -> TrialSpec:

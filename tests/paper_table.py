@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gradauth.select import TRIAL_COLUMNS
+from gradauth.trial import TrialSpec
 
 VGG19_CHANNELS = 2 * 64 + 2 * 128 + 4 * 256 + 8 * 512  # BN channels of VGG-19: 5504
 # The paper's Table 1 (VGG-19, CIFAR-10, bn_gamma, rate mode): lock rate → (Prun_acc, mean Fine_acc over seeds).
@@ -20,8 +21,8 @@ def trial(lock_value: float = 0.02, fine_acc: float | None = 0.9, prun_acc: floa
           importance: str = "bn_gamma", lock_mode: str = "rate", epochs: int = 40, lr: float = 0.01,
           data_fraction: float = 1.0, scope: str = "all", status: str = "ok", num_classes: int = 10,
           total_channels: int = VGG19_CHANNELS, locked_channels: int | None = None) -> dict:
-    """One trials.parquet row; trial_id is spelled like the sweep's (`TrialSpec.trial_id`)."""
-    tid = f"{importance}-{lock_mode}{lock_value:g}-e{epochs}-lr{lr:g}-f{data_fraction:g}-{scope}-s{seed}"
+    """One trials.parquet row; trial_id is the sweep's (`TrialSpec.trial_id`)."""
+    tid = TrialSpec(importance, lock_mode, lock_value, epochs, lr, data_fraction, scope, seed).trial_id
     if locked_channels is None:
         locked_channels = round(lock_value * total_channels) if lock_mode == "rate" else 0
     tuned = status == "ok"

@@ -21,7 +21,8 @@ from test_release import build_tiny_sweep
 
 COLUMNS = ["target", "lock_importance", "lock_mode", "lock_value", "locked_channels", "init", "filters", "thief_init",
            "prun_acc",
-           "attacker_fraction", "attacker_images", "schedule", "ft_epochs", "ft_lr", "seed", "recovered_acc",
+           "attacker_fraction", "attacker_images", "schedule", "ft_epochs", "ft_lr", "ft_data_fraction", "ft_scope", "seed",
+           "recovered_acc",
            "recovered_top3", "level_accs", "best_level_reached", "same_masks_as", "seconds"]
 
 
@@ -155,12 +156,19 @@ def test_report_and_cli(attacked, capsys):
     out, df = attacked
     text = (out / "attack.md").read_text()
     assert "level 1" in text and "public bn_gamma rate 0.4 (zeros)" in text and "scratch (random init)" in text
-    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    main_table = text.split("## Head start")[0]  # the head-start table (issue 12) follows the main one
+    lines = [line for line in main_table.splitlines() if line.startswith("| ")]
     assert len(lines) == 1 + df.apply(attack._label, axis=1).nunique()  # header + one line per starting model
     assert lines[0].split(" | ")[3:] == ["1% best", "1% strong", "5% best", "5% strong", "10% best", "10% strong",
                                          "owner, all data |"]
     public = next(line for line in lines if line.startswith("| public bn_gamma rate 0.4 (zeros) |"))
     zeros = df[(df["target"] == "public") & (df["init"] == "zeros") & (df["schedule"] == "owner")]
     assert public.split(" | ")[-1].startswith(f"{zeros['recovered_acc'].iloc[0]:.3f}")
+    head = [line for line in text.split("## Head start")[1].splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0] for line in head[1:]] == ["| 1%", "| 5%", "| 10%"]  # every fraction, both sides
+    for h in attack.head_starts(df):
+        assert h["scratch"] == df[(df["target"] == "scratch") & (df["attacker_fraction"] == h["fraction"])][
+            "recovered_acc"].max()
+        assert h["head_start"] == pytest.approx(h["public"] - h["scratch"])
     assert main(["attack", str(out / "nope")]) == 2
     assert "config.yaml" in capsys.readouterr().err

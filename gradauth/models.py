@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .errors import GradauthError
-from .registry import register_model
+from .registry import arch_problem, register_model  # noqa: F401 (arch_problem lives in registry; re-exported)
 
 VGG_CFGS = {
     "vgg_tiny": [16, 16, "M", 32, 32, "M", 64],  # the digits quickstart (8×8 inputs)
@@ -198,15 +198,6 @@ def _torchvision(arch: str, num_classes: int, in_channels: int = 3, width: float
     if in_channels != 3:
         raise GradauthError(f"torchvision models take 3-channel images; {arch} cannot read {in_channels}-channel data")
     return torchvision.models.get_model(arch.split(":", 1)[1], weights=None, num_classes=num_classes)
-
-
-def arch_problem(arch: str) -> str | None:
-    """Why `build_model` would refuse `arch` (with the fix), or None: the config check, without building anything."""
-    from .registry import hint, model, names
-    entry = model(arch)
-    if entry is None:
-        return f"{arch!r} is not a known model.arch: choose one of {', '.join(names('model'))} (or register yours: {hint()})"
-    return entry.check(arch) if entry.check else None
 
 
 def build_model(arch: str, num_classes: int, in_channels: int = 3, width: float = 1.0) -> nn.Module:

@@ -21,13 +21,13 @@ import pandas as pd
 import torch
 
 from . import registry
-from .checkpoint import from_bytes, to_bytes
+from .checkpoint import to_bytes
 from .config import Config
 from .engine import pick_device
 from .errors import GradauthError
-from .fsutil import atomic_path, write_json
+from .fsutil import write_json
 from .rows import TRIALS_SCHEMA, SweepLog, read_parts, write_trials  # noqa: F401 (write_trials re-exported)
-from .trial import TrialContext, TrialSpec, base_row, grid, run_trial
+from .trial import TrialContext, TrialSpec, grid, run_trial
 
 _DEVICE_DATA: dict = {}  # per worker process: the dataset already on this actor's device, reused across trials
 
@@ -175,41 +175,6 @@ def trial_resources(requested: dict, started_here: bool, cluster: dict) -> dict:
     return {"cpu": cpu, "gpu": gpu}
 
 
-def _failed_row(ctx: TrialContext, t: TrialSpec, error) -> dict:
-    why = str(error).strip().splitlines()[-1][:200] if error else "did not finish"
-    print(f"[sweep] trial {t.trial_id} failed: {why}", file=sys.stderr)
-    return base_row(ctx, t) | {"status": "error"}
-
-
-def _finished_row(t: TrialSpec, metrics: dict, checkpoint) -> tuple[dict, bytes | None]:
-    """(row, model file bytes) of a trial that reported its row; the model comes from its final checkpoint and is
-    refused unless it is a plain gradauth model file."""
-    # Tune fills in its own `trial_id` metric: ours is derived from the grid point, which also keeps it stable.
-    row = {k: metrics.get(k) for k in TRIALS_SCHEMA.names} | {"trial_id": t.trial_id}
-    data = None
-    if row["status"] == "ok":
-        if checkpoint is None:
-            raise GradauthError(f"trial {t.trial_id} finished without its model checkpoint")
-        with checkpoint.as_directory() as d:
-            data = (Path(d) / "model.pt").read_bytes()
-        from_bytes(data, f"checkpoint of {t.trial_id}")  # refuse anything that is not a plain model file
-    return row, data
-
-
-def _row_from_result(result, ctx: TrialContext, models_dir: Path) -> dict:
-    """A row from Tune's result grid, for a grid point whose row the callback did not see (a restored experiment
-    that had already finished it, e.g. on a new head node whose output folder was lost)."""
-    t = TrialSpec(**result.config["trial"])
-    m = result.metrics or {}
-    if result.error is not None or not m.get("row_complete"):
-        return _failed_row(ctx, t, result.error)
-    row, data = _finished_row(t, m, result.checkpoint)
-    if data is not None:
-        with atomic_path(models_dir / f"{t.trial_id}.pt") as tmp:
-            tmp.write_bytes(data)
-    return row
-
-
 def _done_rows(out_dir: Path, specs: list[TrialSpec]) -> dict[str, dict]:
     """Rows that `--resume` keeps: grid points already finished, from trials.parquet and from the row parts a
     killed driver left in trials.d (newer): an `ok` one with its model file, an `unlockable` or `degenerate` one."""
@@ -287,7 +252,7 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
     trial whose end Tune's last snapshot missed re-reports its row on disk instead of training again."""
     from ray import tune
 
-    from .tune_rows import RowWriter, activate
+    from .tune_rows import RowWriter, activate, row_from_result
     specs = grid(cfg)
     if not specs:
         raise GradauthError("the search space is empty: give lock.values and every finetune list at least one value")
@@ -346,7 +311,7 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
     # Grid points the callback did not see finish: a restored experiment had finished them before (a new head node
     # whose output folder was lost restores everything from sweep.storage).
     missing = {s.trial_id for s in pending} - set(log.rows)
-    extra = [_row_from_result(r, ctx, out_dir / "models") for r in results
+    extra = [row_from_result(r, ctx, out_dir / "models") for r in results
              if TrialSpec(**r.config["trial"]).trial_id in missing]
     return log.compact(extra)
 

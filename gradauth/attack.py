@@ -270,7 +270,7 @@ def runs(tg: Target, best: Schedule, fractions, n_train: int, batch: int) -> lis
 def run_attack(out_dir: str | Path, fractions=FRACTIONS, seeds=(0,), compare: bool = True) -> pd.DataFrame:
     """`gradauth attack DIR`: DIR/attack.parquet and DIR/attack.md; returns the table."""
     from .data import load_dataset
-    from .pipeline import git_sha, read_config
+    from .rundir import git_sha, read_config
     out = Path(out_dir)
     cfg = read_config(out)
     if not (out / "trials.parquet").is_file():

@@ -7,62 +7,20 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 from .checkpoint import load_model_file, rebuild, save_model
-from .config import Config, dump_config, load_config, parse_config
+from .config import Config, load_config, parse_config
 from .data import Dataset, check_config_against, load_dataset
 from .engine import evaluate, pick_device
 from .errors import GradauthError
-from .fsutil import write_json, write_text
+from .fsutil import write_json
 from .importance import get_importance
 from .runlock import check_output_space, run_lock
+from .rundir import (CHECKPOINT, RUNS, git_sha, lock_bound, out_dir_for, read_config,  # noqa: F401 (re-exported)
+                     write_config)
 from .trial import TrialContext
-
-CHECKPOINT = "base.ckpt"  # base training's per-epoch checkpoint (train.py), removed once base.pt is written
-
-
-RUNS = Path("runs")  # where a run writes unless --out says otherwise (gitignored; results/ holds committed references)
-
-
-def out_dir_for(cfg: Config, out: str | None) -> Path:
-    return Path(out) if out else RUNS / cfg.name
-
-
-def git_sha() -> str:
-    """The commit the code came from: $GRADAUTH_GIT_SHA if set, else asked of git, else "unknown".
-
-    A `ray job submit --working-dir .` job runs from an uploaded copy without .git, so the submitter passes the sha
-    along: `--runtime-env-json '{"env_vars": {"GRADAUTH_GIT_SHA": "'$(git rev-parse --short=12 HEAD)'"}}'`."""
-    if os.environ.get("GRADAUTH_GIT_SHA", "").strip():
-        return os.environ["GRADAUTH_GIT_SHA"].strip()
-    try:
-        here = Path(__file__).resolve().parent
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def write_config(cfg: Config, out: Path) -> None:
-    write_text(out / "config.yaml", dump_config(cfg))
-
-
-def read_config(out: Path) -> Config:
-    path = out / "config.yaml"
-    if not path.is_file():
-        raise GradauthError(f"{out} holds no config.yaml: is it an output dir of `gradauth run` / `gradauth train`?")
-    return load_config(path)
-
-
-def lock_bound(cfg: Config, num_classes: int) -> float:
-    return cfg.sweep.lock_bound if cfg.sweep.lock_bound is not None else 1.0 / num_classes + 0.1
-
 
 def model_bytes(cfg: Config, num_classes: int, in_channels: int) -> int:
     """Bytes of the model's state dict (built on the meta device: nothing allocated)."""

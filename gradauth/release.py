@@ -325,7 +325,7 @@ def build_release(out: Path) -> tuple[dict, dict[str, bytes], dict[int, bytes]]:
     """Everything `release_dir` writes, in memory: (manifest, {file name: bytes}, {level: key})."""
     from .data import load_dataset
     from .engine import evaluate
-    from .pipeline import git_sha, lock_bound, read_config
+    from .rundir import git_sha, lock_bound, read_config
     cfg = read_config(out)
     doc, chosen, masks, importance = public_lock(out)
     experiment = str(doc.get("experiment") or cfg.name)

@@ -290,7 +290,7 @@ def run_attack(out_dir: str | Path, fractions=FRACTIONS, seeds=(0,), compare: bo
     for tg in found:
         twin = done.get(tg.signature) if tg.signature else None
         if twin is not None:  # same masks and init as a target already attacked: same runs, same numbers
-            rows += [r | _describe(tg) | {"same_masks_as": _label(twin[0]), "seconds": 0.0} for r in twin]
+            rows += [r | _describe(tg) | {"same_masks_as": attack_label(twin[0]), "seconds": 0.0} for r in twin]
             continue
         mine = []
         for f, sched, schedule, masks in runs(tg, best, fractions, len(ds.train), cfg.finetune.batch_size):
@@ -305,7 +305,7 @@ def run_attack(out_dir: str | Path, fractions=FRACTIONS, seeds=(0,), compare: bo
                     "recovered_top3": top3, "level_accs": level_accs,
                     "best_level_reached": min(reached) if reached else None, "same_masks_as": None,
                     "seconds": time.perf_counter() - t0, **prov})
-                print(f"[attack] {_label(mine[-1])} {f:.0%} {sched:6s} ({run.epochs} ep): {acc:.4f}", file=sys.stderr)
+                print(f"[attack] {attack_label(mine[-1])} {f:.0%} {sched:6s} ({run.epochs} ep): {acc:.4f}", file=sys.stderr)
         if tg.signature:
             done[tg.signature] = mine
         rows += mine
@@ -352,7 +352,7 @@ def _describe(tg: Target) -> dict:
             "filters": tg.filters, "thief_init": tg.thief_init, "prun_acc": tg.prun_acc}
 
 
-def _label(r) -> str:
+def attack_label(r) -> str:
     if r["target"] == "scratch":
         return "scratch (random init)"
     how = r["init"] + (", filters kept" if r["filters"] == "kept" else "") + (
@@ -363,7 +363,7 @@ def _label(r) -> str:
 def report(df: pd.DataFrame, public: dict, best: Schedule) -> str:
     """attack.md: one line per starting model, recovered accuracy per (thief's data, schedule), the level reached."""
     levels = sorted(public["levels"], key=lambda lv: int(lv["level"]))
-    df = df.assign(label=df.apply(_label, axis=1), column=[
+    df = df.assign(label=df.apply(attack_label, axis=1), column=[
         "owner, all data" if s == "owner" else f"{f:.0%} {s}" for f, s in zip(df["attacker_fraction"], df["schedule"])])
     columns = list(dict.fromkeys(df.sort_values(["attacker_fraction", "schedule"])["column"]))
     head = ["start from", "locked ch.", "acc before fine-tune", *columns]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -17,13 +16,9 @@ import torch
 
 from .errors import GradauthError
 from .fsutil import write_json
+from .machine import machine
 
 BENCHES = ("sweep", "slicing", "gpu")
-
-
-def _machine() -> dict:
-    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def _tensor_pipeline_ips(model, ds, batch_size: int, epochs: int = 1) -> float:
@@ -91,7 +86,7 @@ def bench_sweep(out: Path, repeats: int = 2) -> dict:
     from .trial import grid
     cfg = load_config(Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml")
     ds = load_dataset(cfg.data, cfg.seed)
-    result = {"bench": "sweep", "machine": _machine(), "config": "sweeps/quickstart.yaml", "trials": len(grid(cfg))}
+    result = {"bench": "sweep", "machine": machine(), "config": "sweeps/quickstart.yaml", "trials": len(grid(cfg))}
     if os.getloadavg()[0] > 1.5:
         print(f"[bench] warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: other work skews "
               "the figures (the ratios are interleaved, absolute seconds are not)", file=sys.stderr)
@@ -167,7 +162,7 @@ def run_bench(name: str, out: Path | None = None) -> Path:
     if name == "sweep":
         result = bench_sweep(out)
     else:
-        from .slicing import bench_slicing
+        from .slicing.bench import bench_slicing
         return bench_slicing(out)
     write_json(out, result)
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2), file=sys.stderr)

@@ -326,9 +326,9 @@ def _attack_section(attack: tuple | None, note: str | None, plots: Path, sel: di
 
 def _attack_plot(df: pd.DataFrame, sel: dict | None) -> Figure:
     """Recovered top-1 vs the thief's share of the training data: one panel per thief schedule, a line per form."""
-    from .attack import _label
+    from .attack import attack_label
     thief = df[(df["schedule"] != "owner") & df["target"].isin(["public", "scratch"])]
-    thief = thief.assign(label=thief.apply(_label, axis=1))
+    thief = thief.assign(label=thief.apply(attack_label, axis=1))
     labels = list(dict.fromkeys(thief["label"]))
     scheds = list(dict.fromkeys(thief["schedule"])) or ["best"]
     colors = {lb: f"C{i % 10}" for i, lb in enumerate(labels)}

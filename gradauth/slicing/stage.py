@@ -20,7 +20,7 @@ from ..data import Dataset, Split, normalize
 from ..errors import GradauthError
 from ..fsutil import atomic_path
 from ..models import bn_layers
-from . import slice_partial
+from .slicer import slice_partial
 from .graph import Plan
 from .vectorized import Partial
 

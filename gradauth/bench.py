@@ -18,7 +18,7 @@ from .errors import GradauthError
 from .fsutil import write_json
 from .machine import machine
 
-BENCHES = ("sweep", "slicing", "gpu")
+BENCHES = ("sweep", "slicing", "gpu", "search")
 
 
 def _tensor_pipeline_ips(model, ds, batch_size: int, epochs: int = 1) -> float:
@@ -142,6 +142,99 @@ def bench_sweep(out: Path, repeats: int = 2) -> dict:
     return result
 
 
+SEARCH_PAIRS = (("quickstart", "quickstart.yaml", "quickstart-targeted.yaml"),
+                ("cifar10-cpu", "cifar10-cpu.yaml", "cifar10-cpu-targeted.yaml"))
+
+
+def _seed_base(src: Path, dest: Path, cfg) -> None:
+    """Start `dest` from the committed base model in `src` when it is this config's (same base_hash): both sides of
+    the comparison fine-tune the same base, and nobody waits for it to be trained again."""
+    dest.mkdir(parents=True, exist_ok=True)
+    info = src / "base.json"
+    if info.is_file() and (src / "base.pt").is_file() and json.loads(info.read_text()).get("base_hash") == cfg.base_hash():
+        for f in ("base.pt", "base.json"):
+            (dest / f).write_bytes((src / f).read_bytes())
+
+
+def _reached(levels: list[float], targets: list[float], tolerance: float) -> list[dict]:
+    return [{"target": t, "level": g, "within_tolerance": g is not None and abs(g - t) <= tolerance + 1e-9}
+            for t, g in zip(targets, list(levels) + [None] * (len(targets) - len(levels)))]
+
+
+def bench_search_pair(name: str, grid_cfg, targeted_cfg, work: Path, base_from: Path | None = None) -> dict:
+    """One config, grid vs targeted, on the same base: trials, trial-seconds (the sum of the trials' own seconds:
+    what a cluster bills), wall time, and the levels each reaches against the targeted config's targets."""
+    from .pipeline import sweep_stage, train_stage
+    from .select import select_levels
+    from .status import read_search
+    from .trial import grid
+    out: dict = {"grid_config": grid_cfg.name, "targeted_config": targeted_cfg.name}
+    g_dir, t_dir = work / "grid", work / "targeted"
+    if base_from is not None:
+        _seed_base(base_from, g_dir, grid_cfg)
+    info = train_stage(grid_cfg, g_dir, resume=True)
+    t_dir.mkdir(parents=True, exist_ok=True)
+    for f in ("base.pt", "base.json"):
+        (t_dir / f).write_bytes((g_dir / f).read_bytes())
+    base_acc = float(info["base_acc"])
+    sc = targeted_cfg.search
+    targets = sc.resolve_targets(base_acc)
+    tol = sc.tolerance
+    sel = targeted_cfg.select
+    runs = {}
+    for side, cfg, d in (("grid", grid_cfg, g_dir), ("targeted", targeted_cfg, t_dir)):
+        t0 = time.perf_counter()
+        df = sweep_stage(cfg, d)
+        wall = time.perf_counter() - t0
+        entry = {"trials": int(len(df)), "trial_seconds": float(df["seconds"].fillna(0).sum()), "wall_s": wall,
+                 "statuses": {str(k): int(v) for k, v in df["status"].value_counts().items()}}
+        if side == "grid":
+            entry["grid_points"] = len(grid(cfg))
+            try:
+                chosen = select_levels(df, levels=len(targets), min_gap=sel.min_gap,
+                                       max_locked_acc=sel.max_locked_acc, targets=targets)
+                got = [lv["fine_acc"] for lv in chosen.levels]
+            except Exception as e:  # the grid may not offer a level set for these targets at all
+                got, entry["selection"] = [], f"no level set: {e}"
+        else:
+            summary = read_search(d)["summary"]
+            # curve tasks are trials too (they are billed): not rows of trials.parquet, counted from the search
+            entry["trials"], entry["trial_seconds"] = int(summary["trials"]), float(summary["trial_seconds"])
+            entry["seconds_by_phase"] = summary["seconds_by_phase"]
+            entry["thief"] = summary["thief"]
+            got = [lv.get("fine_acc") if lv["status"] == "hit" else None for lv in summary["levels"]]
+            entry["missed"] = {str(lv["level"]): lv.get("why") for lv in summary["levels"] if lv["status"] != "hit"}
+            entry["sellable"] = [lv.get("sellable") for lv in summary["levels"]]
+        entry["levels"] = _reached(got, targets, tol)
+        entry["all_within_tolerance"] = all(r["within_tolerance"] for r in entry["levels"])
+        runs[side] = entry
+    out |= {"base_acc": base_acc, "targets": targets, "tolerance": tol, **runs,
+            "trial_seconds_ratio": runs["targeted"]["trial_seconds"] / max(runs["grid"]["trial_seconds"], 1e-9),
+            "wall_ratio": runs["targeted"]["wall_s"] / max(runs["grid"]["wall_s"], 1e-9)}
+    return out
+
+
+def bench_search(out: Path, only: list[str] | None = None) -> dict:
+    """`gradauth bench search`: grid vs targeted on the quickstart and the CIFAR-10 CPU config, side by side.
+    $GRADAUTH_BENCH_ONLY=quickstart runs only the named pairs (the CIFAR pair takes long on a CPU)."""
+    from .config import load_config
+    root = Path(__file__).resolve().parents[1]
+    only = only or [n for n in os.environ.get("GRADAUTH_BENCH_ONLY", "").split(",") if n.strip()] or None
+    result = {"bench": "search", "machine": _machine(), "load_average_before": os.getloadavg(), "runs": {}}
+    for name, g, t in SEARCH_PAIRS:
+        if only and name not in only:
+            continue
+        gc, tc = load_config(root / "sweeps" / g), load_config(root / "sweeps" / t)
+        with tempfile.TemporaryDirectory() as tmp:
+            result["runs"][name] = bench_search_pair(name, gc, tc, Path(tmp), root / "results" / name)
+        write_json(out, result)  # what was measured so far survives a later pair's failure
+    result["load_average_after"] = os.getloadavg()
+    result["notes"] = ("trial_seconds: the sum of every trial's own seconds (lock-curve tasks and thief attacks "
+                       "included on the targeted side), what a cluster bills; levels: the grid's selection for the "
+                       "targeted config's targets vs the targeted search's hit levels, each within tolerance or not.")
+    return result
+
+
 def run_bench(name: str, out: Path | None = None) -> Path:
     if name not in BENCHES:
         raise GradauthError(f"unknown benchmark {name!r}: choose one of {', '.join(BENCHES)}")
@@ -161,6 +254,8 @@ def run_bench(name: str, out: Path | None = None) -> Path:
         return out
     if name == "sweep":
         result = bench_sweep(out)
+    elif name == "search":
+        result = bench_search(out)
     else:
         from .slicing.bench import bench_slicing
         return bench_slicing(out)

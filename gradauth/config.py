@@ -221,6 +221,151 @@ class ReleaseConfig:
     noise_init: bool = opt(False, "bool")  # public model: pruned channels re-initialised with noise instead of zeros
 
 
+_SEARCH_EPS = 1e-9
+
+
+# ---- search: the owner's intent for a targeted search (gradauth/search.py) ----------------------------------
+@dataclass
+class ThiefBudget:
+    fractions: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1])  # of the labelled training split
+    epochs: int = 30               # the thief's schedule on every fraction
+    lr: float | None = None        # None: the search's largest lr
+    seeds: int = 1
+    public_locks: str = "strongest"  # strongest: the strongest lockable lock | levels: also every hit level's lock
+
+
+@dataclass
+class SearchConfig:
+    """The owner's intent: the `search:` config section (search.py runs it)."""
+    mode: str = "grid"             # grid: today's sweep | targeted: this module
+    levels: int = 3
+    targets: list[float] | None = None   # absolute accuracies, level 1 first; None: relative to the base:
+    below_base: float = 0.01       # level 1 = base_acc − below_base ...
+    step: float = 0.08             # ... and each next level `step` lower
+    tolerance: float = 0.01        # a level hits its target when |mean fine_acc − target| ≤ tolerance
+    seeds: int = 2                 # seeds per level (spent only on candidates within tolerance)
+    max_trials: int | None = None  # trial budget (curve tasks and thief trials count)
+    max_trial_seconds: float | None = None  # summed trial seconds; in-flight trials still finish
+    max_concurrent: int = 4        # trials in flight at once
+    lock_range: list[float] = field(default_factory=lambda: [0.01, 0.3])  # [lowest, highest] lock value
+    lock_points: int = 12          # lock values per curve task
+    lock_step: float | None = None  # threshold mode: resolution of lock values (rate mode: one channel)
+    epochs: list[int] = field(default_factory=lambda: [1, 16])  # [fewest, most] fine-tune epochs
+    lr: list[float] = field(default_factory=lambda: [0.01])
+    data_fraction: list[float] = field(default_factory=lambda: [1.0])
+    scope: list[str] = field(default_factory=lambda: ["all"])
+    thief: ThiefBudget = field(default_factory=ThiefBudget)
+
+    @classmethod
+    def from_dict(cls, raw: dict | None) -> "SearchConfig":
+        if raw is not None and not isinstance(raw, dict):
+            raise GradauthError(f"`search` must be a mapping, got {type(raw).__name__}: e.g. {{mode: targeted, levels: 3}}")
+        raw = dict(raw or {})
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise GradauthError(f"unknown key `search.{unknown[0]}` (known: {', '.join(sorted(names))})")
+        thief = raw.pop("thief", None)
+        if thief is not None and not isinstance(thief, (dict, ThiefBudget)):
+            raise GradauthError("`search.thief` must be a mapping, e.g. {fractions: [0.01, 0.05, 0.1], epochs: 30}")
+        if isinstance(thief, dict):
+            tn = {f.name for f in fields(ThiefBudget)}
+            bad = sorted(set(thief) - tn)
+            if bad:
+                raise GradauthError(f"unknown key `search.thief.{bad[0]}` (known: {', '.join(sorted(tn))})")
+            thief = ThiefBudget(**thief)
+        return cls(**raw, thief=thief or ThiefBudget())
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------------------------------------- validation
+    def resolve_targets(self, base_acc: float) -> list[float]:
+        if self.targets is not None:
+            return [float(t) for t in self.targets]
+        return [round(base_acc - self.below_base - k * self.step, 6) for k in range(self.levels)]
+
+    def min_trials(self) -> int:
+        """The fewest trials any successful search needs: two curve tasks, one probe and the seeds of each level,
+        the thief trials (scratch and public at each fraction)."""
+        th = self.thief
+        return 2 + self.levels * self.seeds + 2 * len(th.fractions) * th.seeds
+
+    def validate(self, base_acc: float, lock_bound: float, min_gap: float, lock_mode: str = "rate") -> list[float]:
+        """Refuse an infeasible intent up front with one GradauthError line; returns the absolute targets."""
+        def no(msg):
+            raise GradauthError(f"search: {msg}")
+        if self.mode not in ("grid", "targeted"):
+            no(f"`search.mode` must be grid or targeted, got {self.mode!r}")
+        if isinstance(self.levels, bool) or not isinstance(self.levels, int) or self.levels < 1:
+            no(f"`search.levels` must be a whole number ≥ 1, got {self.levels!r}")
+        if not 0 < self.tolerance < 0.5:
+            no(f"`search.tolerance` {self.tolerance!r} must be in (0, 0.5), e.g. 0.01 for ±1 point")
+        if not isinstance(self.seeds, int) or self.seeds < 1:
+            no(f"`search.seeds` must be a whole number ≥ 1, got {self.seeds!r}")
+        if self.targets is not None and len(self.targets) != self.levels:
+            no(f"`search.targets` has {len(self.targets)} values but `search.levels` is {self.levels}: give one "
+               f"target per level")
+        lo, hi = (self.lock_range + [None, None])[:2] if isinstance(self.lock_range, list) else (None, None)
+        if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo < hi) or len(self.lock_range) != 2:
+            no(f"`search.lock_range` must be [lowest, highest] lock value, got {self.lock_range!r}")
+        if lock_mode == "rate" and not (0 < lo and hi < 1):
+            no(f"`search.lock_range` {self.lock_range} must lie in (0, 1) for rate locks (fractions of all channels)")
+        if self.lock_step is not None and not (isinstance(self.lock_step, (int, float)) and 0 < self.lock_step < hi - lo):
+            no(f"`search.lock_step` {self.lock_step!r} must be > 0 and smaller than the lock range")
+        if not isinstance(self.lock_points, int) or self.lock_points < 2:
+            no(f"`search.lock_points` must be a whole number ≥ 2, got {self.lock_points!r}")
+        e = self.epochs
+        if (not isinstance(e, list) or len(e) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in e)
+                or not 1 <= e[0] <= e[1]):
+            no(f"`search.epochs` must be [fewest, most] whole epochs with 1 ≤ fewest ≤ most, got {e!r}")
+        for name in ("lr", "data_fraction", "scope"):
+            if not isinstance(getattr(self, name), list) or not getattr(self, name):
+                no(f"`search.{name}` must be a non-empty list")
+        if not all(isinstance(x, (int, float)) and x > 0 for x in self.lr):
+            no(f"`search.lr` {self.lr} must hold positive learning rates")
+        if not all(isinstance(x, (int, float)) and 0 < x <= 1 for x in self.data_fraction):
+            no(f"`search.data_fraction` {self.data_fraction} must hold fractions in (0, 1]")
+        if not all(s in ("all", "bn", "head") for s in self.scope):
+            no(f"`search.scope` {self.scope} may only hold all, bn, head")
+        th = self.thief
+        if not th.fractions or not all(isinstance(x, (int, float)) and 0 < x <= 1 for x in th.fractions):
+            no(f"`search.thief.fractions` {th.fractions} must be fractions in (0, 1], e.g. [0.01, 0.05, 0.1]")
+        if th.public_locks not in ("strongest", "levels"):
+            no(f"`search.thief.public_locks` must be strongest or levels, got {th.public_locks!r}")
+        if not isinstance(th.epochs, int) or th.epochs < 1 or not isinstance(th.seeds, int) or th.seeds < 1:
+            no(f"`search.thief.epochs` and `.seeds` must be whole numbers ≥ 1, got {th.epochs!r}, {th.seeds!r}")
+        if self.mode == "grid":
+            return []
+        targets = self.resolve_targets(base_acc)
+        if any(not 0 <= t <= 1 for t in targets):
+            no(f"targets {targets} must be accuracies in [0, 1]")
+        if any(b > a for a, b in zip(targets, targets[1:])):
+            no(f"targets {targets} must fall from level 1 down")
+        if targets[0] > base_acc + _SEARCH_EPS:
+            no(f"level 1's target {targets[0]:.3f} is above the base model's accuracy {base_acc:.3f}: no lock and "
+               f"fine-tune beats the model it starts from; lower `search.targets` or use `search.below_base`")
+        need = min_gap + 2 * self.tolerance
+        for k, (a, b) in enumerate(zip(targets, targets[1:]), start=1):
+            if a - b < need - _SEARCH_EPS:
+                no(f"targets of levels {k} and {k + 1} ({a:.3f}, {b:.3f}) are {a - b:.3f} apart: two levels each "
+                   f"within tolerance {self.tolerance:g} of them could be closer than min_gap {min_gap:g}; space "
+                   f"targets ≥ {need:.3f} apart (min_gap + 2 × tolerance) or lower the tolerance")
+        floor = lock_bound + min_gap
+        if targets[-1] - self.tolerance < floor - _SEARCH_EPS:
+            no(f"level {len(targets)}'s target {targets[-1]:.3f} is below lock bound {lock_bound:.3f} + min_gap "
+               f"{min_gap:g}: a level must beat the public model by min_gap; raise it to ≥ {floor + self.tolerance:.3f} "
+               f"or ask for fewer levels")
+        if self.max_trials is not None and self.max_trials < self.min_trials():
+            no(f"`search.max_trials` {self.max_trials} cannot buy {self.levels} levels × {self.seeds} seeds plus "
+               f"2 curve tasks and {2 * len(th.fractions) * th.seeds} thief trials (at least {self.min_trials()}): "
+               f"raise it or ask for fewer levels or seeds")
+        if self.max_trial_seconds is not None and not self.max_trial_seconds > 0:
+            no(f"`search.max_trial_seconds` must be > 0, got {self.max_trial_seconds!r}")
+        return targets
+
+
+
 @dataclass
 class Config:
     name: str = opt("experiment", "str", check=_name_problem)
@@ -234,10 +379,15 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["importance"] = [i.to_dict() for i in self.importance]
+        # A default search section (a grid sweep, as every config before it) is left out: config.yaml and
+        # Config.hash() of existing configs stay what they were.
+        if self.search == SearchConfig():
+            d.pop("search")
         return d
 
     def hash(self) -> str:
@@ -512,11 +662,42 @@ def _validate(c: Config, problems: list[str], bad: set[str]) -> None:
         problems.append(f"`select.targets` has {len(c.select.targets)} values but `select.levels` is {c.select.levels}")
 
 
-TOP_LEVEL = {"name", "seed", "data", "model", "train", "importance", "lock", "finetune", "sweep", "select", "release"}
+TOP_LEVEL = {"name", "seed", "data", "model", "train", "importance", "lock", "finetune", "sweep", "select", "release",
+             "search"}
 SECTIONS = {
     "data": DataConfig, "model": ModelConfig, "train": TrainConfig, "lock": LockConfig,
     "finetune": FinetuneConfig, "sweep": SweepConfig, "select": SelectConfig, "release": ReleaseConfig,
 }
+
+
+def _search(raw: Any, lock: Any, problems: list[str]) -> SearchConfig:
+    """The `search` section: every check that needs no base model here (with the other sections' problems); the
+    targets themselves are checked against the base accuracy once it is known (SearchConfig.validate)."""
+    try:
+        sc = SearchConfig.from_dict(raw)
+    except (GradauthError, TypeError) as e:
+        problems.append(str(e))
+        return SearchConfig()
+    mode = lock.get("mode", "rate") if isinstance(lock, dict) else "rate"
+    try:
+        if sc.mode not in ("grid", "targeted"):
+            raise GradauthError(f"search: `search.mode` must be grid or targeted, got {sc.mode!r}")
+        if sc.mode == "targeted" and mode != "rate":
+            raise GradauthError(f"search: the targeted search takes rate locks only, got lock.mode {mode!r}: use "
+                                f"lock.mode: rate, or search.mode: grid")
+        for name in ("max_trials", "max_concurrent"):
+            v = getattr(sc, name)
+            if (v is not None or name == "max_concurrent") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise GradauthError(f"search: `search.{name}` must be a whole number ≥ 1, got {v!r}")
+        if sc.max_trial_seconds is not None and (isinstance(sc.max_trial_seconds, bool) or not
+                                                 isinstance(sc.max_trial_seconds, (int, float)) or not sc.max_trial_seconds > 0):
+            raise GradauthError(f"search: `search.max_trial_seconds` must be > 0, got {sc.max_trial_seconds!r}")
+        dataclasses.replace(sc, mode="grid").validate(0.5, 0.0, 0.0, mode)  # every check but the targets'
+    except GradauthError as e:
+        problems.append(str(e))
+    except TypeError as e:  # a value of a type no check expected (e.g. text where a number goes)
+        problems.append(f"search: a value has the wrong type ({e}): see SearchConfig in gradauth/config.py")
+    return sc
 
 
 def _parse(raw: Any, source: str, problems: list[str]) -> Config:
@@ -533,8 +714,12 @@ def _parse(raw: Any, source: str, problems: list[str]) -> Config:
             v = check_field(raw[k], top[k].metadata["rule"], k, problems)
             if len(problems) == before:
                 kwargs[k] = v
+    kwargs["search"] = _search(raw.get("search"), raw.get("lock"), problems)
     cfg = Config(importance=_importances(raw.get("importance"), problems, bad), **kwargs)
     _validate(cfg, problems, bad)
+    if cfg.search.mode == "targeted" and len(cfg.importance) != 1 and "importance" not in bad:
+        problems.append(f"`search.mode: targeted` searches one importance source, got {len(cfg.importance)} "
+                        f"({', '.join(i.label for i in cfg.importance)}): keep one, or use `search.mode: grid`")
     if problems:
         raise GradauthError(f"{source}: " + "; ".join(problems))
     return cfg

@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 
 from .errors import GradauthError
 from .fsutil import atomic_path, write_text
-from .select import TRIAL_COLUMNS
+from .schema import WRITTEN_COLUMNS
 
-TRIALS_SCHEMA = pa.schema(list(TRIAL_COLUMNS.items()))  # the DESIGN.md contract, defined once in select.py
+TRIALS_SCHEMA = pa.schema(list(WRITTEN_COLUMNS.items()))  # the contract (schema.py) and the sweep's `phase` column
 PARTS = "trials.d"
 KEPT = "kept.parquet"        # in PARTS: the rows a `--resume` started with (from trials.parquet and earlier parts)
 PROGRESS = "progress.json"
@@ -37,6 +37,7 @@ FINISHED = {"ok": "ok", "unlockable": "unlockable", "degenerate": "degenerate", 
 def write_trials(rows: list[dict], path: Path) -> pd.DataFrame:
     """Rows → Parquet with the contract schema (columns and types of DESIGN.md), atomically."""
     df = pd.DataFrame(rows, columns=TRIALS_SCHEMA.names).sort_values("trial_id", kind="stable").reset_index(drop=True)
+    df["phase"] = df["phase"].where(df["phase"].notna(), "grid")  # a row without a phase is a grid point
     table = pa.Table.from_pandas(df, schema=TRIALS_SCHEMA, preserve_index=False)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)

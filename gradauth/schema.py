@@ -40,6 +40,14 @@ TRIAL_COLUMNS = {
     "fine_top3": pa.float64(), "params": pa.int64(), "flops": pa.int64(), "status": pa.string(),
     "seconds": pa.float64(), "git_sha": pa.string(), "config_hash": pa.string(),
 }
+# Written by the sweep after the columns above, but optional for readers: a trials.parquet written before it existed
+# (or by hand) lacks it, and a missing phase means grid. `phase` says what a trial was for: a grid point
+# (`search.mode: grid`), or a targeted search's level candidate or thief attack (search.py). Only grid and level
+# rows are level candidates; thief rows are what a level must beat.
+OPTIONAL_COLUMNS = {"phase": pa.string()}
+OPTIONAL = tuple(OPTIONAL_COLUMNS)
+WRITTEN_COLUMNS = TRIAL_COLUMNS | OPTIONAL_COLUMNS  # what `gradauth sweep` writes, in this order
+PHASES = ("grid", "level", "thief")
 # ok: fine-tuned; unlockable: locked accuracy above the bound, not fine-tuned; error: the trial failed;
 # degenerate: fine-tuned to a model that is no use (e.g. a lock that removes a whole layer).
 STATUSES = ("ok", "unlockable", "error", "degenerate")
@@ -102,8 +110,8 @@ def read_trials(path: str | os.PathLike, needed=()) -> pd.DataFrame:
     if missing:
         raise GradauthError(f"{path} lacks column(s) {', '.join(missing)}: it was not written by `gradauth sweep`; "
                             f"{REWRITE_TRIALS}")
-    mistyped = [f"{c} ({table.schema.field(c).type}, {TRIAL_COLUMNS[c]} expected)" for c in names
-                if c in TRIAL_COLUMNS and not _fits(TRIAL_COLUMNS[c], table.schema.field(c).type)]
+    mistyped = [f"{c} ({table.schema.field(c).type}, {WRITTEN_COLUMNS[c]} expected)" for c in names
+                if c in WRITTEN_COLUMNS and not _fits(WRITTEN_COLUMNS[c], table.schema.field(c).type)]
     if mistyped:
         raise bad(f"column(s) of the wrong type: {', '.join(mistyped)}")
     if table.num_rows == 0:
@@ -129,6 +137,11 @@ def _check_rows(df: pd.DataFrame, bad) -> None:
         dup = ids.duplicated(keep=False)
         if dup.any():
             raise bad(f"duplicated trial_id(s) {', '.join(sorted(set(ids[dup])))[:200]} (each seed would count twice)")
+    if "phase" in df:
+        unknown = sorted({str(p) for p in df["phase"] if p is not None and not (isinstance(p, float) and math.isnan(p))
+                          and p not in PHASES})
+        if unknown:
+            raise bad(f"unknown phase {', '.join(unknown)[:100]} (expected one of {', '.join(PHASES)})")
     if "status" in df:
         unknown = sorted({str(s) for s in df["status"] if s not in STATUSES})
         if unknown:
@@ -283,5 +296,5 @@ def check_levels_current(doc: dict, levels_path: Path, trials_path: Path) -> Non
                             f"trials_sha256 differs): re-run `gradauth select {levels_path.parent}` first")
 
 
-__all__ = ["TRIAL_COLUMNS", "STATUSES", "read_trials", "read_levels", "file_sha256", "levels_current",
+__all__ = ["TRIAL_COLUMNS", "OPTIONAL_COLUMNS", "WRITTEN_COLUMNS", "PHASES", "STATUSES", "read_trials", "read_levels", "file_sha256", "levels_current",
            "check_levels_current"]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import GradauthError
+from .schema import OPTIONAL
 from .rows import FINISHED, PARTS, TRIALS_SCHEMA, read_parts, read_progress
 
 
@@ -30,7 +31,7 @@ def sweep_status(out: Path) -> dict:
     if (out / PARTS).is_dir():
         rows = read_parts(out)
     elif (out / "trials.parquet").is_file():
-        rows = load_trials(out / "trials.parquet", TRIALS_SCHEMA.names)
+        rows = load_trials(out / "trials.parquet", [c for c in TRIALS_SCHEMA.names if c not in OPTIONAL])
     else:
         rows = pd.DataFrame(columns=TRIALS_SCHEMA.names)
     states = dict(progress["trials"]) if progress else {}
@@ -50,8 +51,58 @@ def sweep_status(out: Path) -> dict:
     counts["failed"] += sum(s == "failed" for s in live)  # a failure whose row had not been written yet
     counts["pending"] = max(0, total - len(have) - counts["running"] - sum(s == "failed" for s in live))
     ok = rows[rows["status"] != "error"]
+    if "phase" in ok:
+        ok = ok[ok["phase"] != "thief"]  # a thief attack is no level candidate
     return {"experiment": cfg.name, "total": total, **counts, "by_status": by_status, "rows": ok,
             "updated": progress.get("updated") if progress else None, "select": cfg.select}
+
+
+SEARCH_FILE = "search.json"  # sweep.SEARCH_FILE (not imported: sweep.py imports torch)
+
+
+def read_search(out: Path) -> dict | None:
+    """DIR/search.json (a targeted search's progress), checked: None if absent; a damaged or foreign file is
+    refused with one line (results folders travel)."""
+    import json
+    import math
+    path = out / SEARCH_FILE
+    if not path.is_file():
+        return None
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    try:
+        obj = json.loads(path.read_bytes())
+        s = obj["summary"]
+        ok = (obj.get("version") == 1 and isinstance(s["levels"], list) and num(s["trials"])
+              and num(s["trial_seconds"]) and isinstance(s["finished"], bool)
+              and all(isinstance(lv, dict) and num(lv.get("level")) and num(lv.get("target"))
+                      and lv.get("status") in ("hit", "missed", "searching")
+                      and (lv["status"] != "hit" or (num(lv.get("fine_acc")) and num(lv.get("seeds"))))
+                      for lv in s["levels"]))
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise GradauthError(f"{path} is not a gradauth search progress file: delete it (`gradauth sweep CONFIG "
+                            f"--resume` rewrites it)")
+    return obj
+
+
+def search_lines(obj: dict) -> list[str]:
+    """One line per target: target, best so far, trials, hit / missed / searching (and why)."""
+    s = obj["summary"]
+    state = "finished" if s["finished"] else "searching"
+    out = [f"targeted search ({state}): {int(s['trials'])} trials, {s['trial_seconds']:.0f} trial-seconds"]
+    for lv in s["levels"]:
+        t = lv.get("trials")
+        n = f"  {int(t)} trials" if isinstance(t, int) and not isinstance(t, bool) else ""
+        if lv["status"] == "hit":
+            best = f"{lv['fine_acc']:.3f} over {int(lv['seeds'])} seed(s), lock {lv.get('lock_value')}"
+            extra = ""
+            if "sellable" in lv:
+                extra = f", {'sellable' if lv['sellable'] else 'NOT sellable'} ({lv['margin_over_thief']:+.3f} over the thief)"
+            out.append(f"  level {int(lv['level'])}: target {lv['target']:.3f}  best {best}{n}  hit{extra}")
+        else:
+            out.append(f"  level {int(lv['level'])}: target {lv['target']:.3f}{n}  {lv['status']}: {lv.get('why', '')}")
+    return out
 
 
 def print_status(out: Path) -> None:
@@ -59,10 +110,13 @@ def print_status(out: Path) -> None:
 
     from .select import format_table, select_levels
     s = sweep_status(out)
+    search = read_search(out)
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(s["by_status"].items()))
     age = f", progress {time.time() - s['updated']:.0f} s old" if s["updated"] else ""
     print(f"{s['experiment']}: {s['done']}/{s['total']} trials done{f' ({kinds})' if kinds else ''}, "
           f"{s['running']} running, {s['pending']} pending, {s['failed']} failed{age}")
+    if search is not None:
+        print("\n".join(search_lines(search)))
     if s["rows"].empty:
         return
     sel = s["select"]

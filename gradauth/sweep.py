@@ -73,6 +73,8 @@ def tune_trainable(config: dict, ctx: TrialContext, threads: int = 1, checkpoint
     registered models/datasets/criteria (registry.py), loaded once per worker before anything is built."""
     from ray import tune
     registry.restore(plugins)
+    if "phase" in config:
+        return _search_trainable(config, ctx, threads, gpu_fraction, finished)
     t = TrialSpec(**config["trial"])
     if finished and t.trial_id in finished:
         tune.report(dict(finished[t.trial_id]) | {"epoch": t.epochs, "row_complete": True, "rereported": True})
@@ -106,7 +108,32 @@ def tune_trainable(config: dict, ctx: TrialContext, threads: int = 1, checkpoint
     _report(first | row | where | {"epoch": t.epochs, "row_complete": True}, model_bytes=data)
 
 
+def _search_trainable(config: dict, ctx: TrialContext, threads: int, gpu_fraction: float,
+                      finished: dict | None) -> None:
+    """A targeted search's trial (search.search_trial): a curve task reports its points; a level or thief trial its
+    row (a level trial also its model). One that already has its row on disk (a --resume) re-reports it."""
+    from ray import tune
+
+    from .search import search_trial, trial_name
+    name = trial_name(config)
+    if finished and name in finished:
+        tune.report(dict(finished[name]) | {"row_complete": True, "rereported": True})
+        return
+    torch.set_num_threads(threads)
+    device = pick_device()
+    cap_gpu_memory(device, gpu_fraction)
+    result, model, masks = search_trial(ctx, config, device, ds=_device_data(ctx, device))
+    if config["phase"] == "curve":  # as text: Tune's loggers take scalars (a list makes a warning per task)
+        tune.report({"curve_json": json.dumps(result["curve"]), "seconds": result["seconds"]})
+        return
+    data = to_bytes(model.cpu(), ctx.spec, masks) if model is not None else None
+    _report(result | {"trial_id": name, "row_complete": True}, model_bytes=data)
+
+
 def _trial_name(trial) -> str:
+    if "phase" in trial.config:
+        from .search import trial_name
+        return trial_name(trial.config)
     return TrialSpec(**trial.config["trial"]).trial_id
 
 
@@ -253,6 +280,8 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
     from ray import tune
 
     from .tune_rows import RowWriter, activate, row_from_result
+    if cfg.search.mode == "targeted":
+        return run_targeted(cfg, ctx, out_dir, resume)
     specs = grid(cfg)
     if not specs:
         raise GradauthError("the search space is empty: give lock.values and every finetune list at least one value")
@@ -313,6 +342,143 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
     missing = {s.trial_id for s in pending} - set(log.rows)
     extra = [row_from_result(r, ctx, out_dir / "models") for r in results
              if TrialSpec(**r.config["trial"]).trial_id in missing]
+    return log.compact(extra)
+
+
+SEARCH_FILE = "search.json"
+
+
+def write_search(out_dir: Path, planner) -> dict:
+    """DIR/search.json (atomic): the planner's progress toward each target (`Planner.summary()`) and the lock curve
+    measured so far, for `gradauth status` and the owner. Plain JSON, rewritten as the search goes."""
+    summary = planner.summary()
+    obj = {"version": 1, "updated": time.time(), "summary": summary,
+           "curve": [planner.curve[v] for v in sorted(planner.curve)], "lock_bound": planner.lock_bound,
+           "base_acc": planner.base_acc}
+    write_json(out_dir / SEARCH_FILE, obj)
+    return summary
+
+
+def _saved_planner(exp_path: str):
+    """The planner in the newest searcher state Tune saved in a local experiment folder (JSON, never unpickled), or
+    None."""
+    from .search import Planner
+    if "://" in exp_path:
+        return None
+    files = sorted(Path(exp_path).glob("searcher-state-*"))  # Ray's names; the session timestamp sorts them
+    try:
+        return Planner.from_state(json.loads(files[-1].read_text())["planner"]) if files else None
+    except (OSError, ValueError, KeyError, TypeError, GradauthError):
+        return None
+
+
+def _targeted_done(out_dir: Path) -> dict[str, dict]:
+    """Rows a targeted `--resume` keeps: level rows `ok` with their model file, thief rows `ok`, and `unlockable` or
+    `degenerate` level rows (from trials.parquet and the parts a killed driver left)."""
+    rows = []
+    path = out_dir / "trials.parquet"
+    if path.is_file():
+        rows += pd.read_parquet(path).to_dict("records")
+    rows += read_parts(out_dir).to_dict("records")
+    keep = {}
+    for row in rows:
+        tid, status, phase = row.get("trial_id"), row.get("status"), row.get("phase")
+        if phase not in ("level", "thief"):
+            continue
+        if status in ("unlockable", "degenerate") or (status == "ok" and (
+                phase == "thief" or (out_dir / "models" / f"{tid}.pt").is_file())):
+            keep[tid] = row
+        else:
+            keep.pop(tid, None)
+    return keep
+
+
+def print_search_outcome(summary: dict) -> None:
+    for lv in summary["levels"]:
+        if lv["status"] == "hit":
+            sell = ("" if "sellable" not in lv else
+                    f", {'sellable' if lv['sellable'] else 'NOT sellable'} ({lv['margin_over_thief']:+.3f} over the "
+                    f"best thief)")
+            print(f"[search] level {lv['level']}: target {lv['target']:.3f} hit: {lv['fine_acc']:.3f} ± "
+                  f"{lv['fine_acc_std']:.3f} over {lv['seeds']} seed(s), lock {lv['lock_value']:g}, schedule "
+                  f"{lv['schedule']}{sell}", file=sys.stderr)
+        else:
+            print(f"[search] level {lv['level']}: target {lv['target']:.3f} {lv['status']}: {lv.get('why', '')}",
+                  file=sys.stderr)
+    print(f"[search] {summary['trials']} trials, {summary['trial_seconds']:.0f} trial-seconds"
+          f"{'' if summary['all_hit'] else ' — not every target was hit: see above'}", file=sys.stderr)
+
+
+def run_targeted(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = False) -> pd.DataFrame:
+    """`search.mode: targeted`: the TargetedSearcher (search.py) proposes every trial (lock-curve tasks, level
+    candidates, thief attacks) through Tune; rows land in trials.d / trials.parquet with their `phase` as trials
+    finish, the search's progress in DIR/search.json. An infeasible intent is refused here, before Ray starts.
+    `resume=True` restores the killed driver's experiment (and with it the searcher's JSON state); where it cannot
+    be restored, a fresh search runs and every trial whose row is on disk re-reports it instead of training."""
+    from ray import tune
+
+    from .search import Planner
+    from .tune_rows import DriverSearcher, RowWriter, activate, row_from_result, trial_ident
+    planner = Planner(cfg.search, ctx.base_acc, ctx.lock_bound, cfg.select.min_gap, cfg.importance[0].label,
+                      cfg.lock.mode)  # validates the intent against the base: one line, exit 2, before Ray
+    print(f"[search] targets {', '.join(f'{t:.3f}' for t in planner.targets)} (base {ctx.base_acc:.3f}, lock bound "
+          f"{ctx.lock_bound:.3f}, tolerance {cfg.search.tolerance:g})", file=sys.stderr)
+    done = _targeted_done(out_dir) if resume else {}
+    storage = cfg.sweep.storage or str((out_dir / "ray").resolve())
+    exp_path = f"{storage.rstrip('/')}/sweep"
+    marker = [f"targeted:{cfg.hash()}:{ctx.base_acc!r}"]  # the experiment in exp_path is this search's
+    restore = resume and _read_points(storage) == marker
+    if restore:
+        check_trusted_storage(exp_path)  # before Tune unpickles anything there
+        restore = tune.Tuner.can_restore(exp_path)
+    if done:
+        print(f"[sweep] --resume: {len(done)} trials of the search already have their rows", file=sys.stderr)
+    log = SweepLog(out_dir, cfg.name, list(done), done, fresh=not resume)
+    started_here = ensure_ray()
+    import ray
+    resources = trial_resources(cfg.sweep.resources, started_here, ray.cluster_resources())
+    trainable = tune.with_resources(
+        tune.with_parameters(tune_trainable, ctx=ctx, threads=max(1, int(resources["cpu"])),
+                             checkpoint_every=cfg.sweep.checkpoint_every, checkpoint_min_s=cfg.sweep.checkpoint_min_s,
+                             gpu_fraction=resources["gpu"], finished=done or None, plugins=registry.snapshot()),
+        resources)
+    last = {"planner": planner}
+
+    def on_search(p):
+        last["planner"] = p
+        write_search(out_dir, p)
+
+    if restore:
+        print(f"[sweep] resuming {exp_path} (the searcher's state is restored with it)", file=sys.stderr)
+        tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True)
+        last["planner"] = _saved_planner(exp_path) or planner  # search.json's figures if no trial is left to run
+    else:
+        if not cfg.sweep.storage and Path(exp_path).exists():
+            shutil.rmtree(exp_path)  # a fresh experiment must not mix with an old one's trials
+        _write_points(storage, marker)
+        searcher = DriverSearcher(planner, cfg.search.max_concurrent)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, reuse_actors=True,
+                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(
+                name="sweep", storage_path=storage, callbacks=[RowWriter()],
+                failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1))
+    write_search(out_dir, planner) if not restore else None
+    activate(log, ctx, on_search)
+    try:
+        results = tuner.fit()
+    finally:
+        activate(None, None)
+        log.flush(force=True)
+    extra = []
+    for r in results:
+        ident = trial_ident(r.config)
+        if ident is not None and ident[0] not in log.rows:
+            extra.append(row_from_result(r, ctx, out_dir / "models"))
+    summary = write_search(out_dir, last["planner"])
+    print_search_outcome(summary)
     return log.compact(extra)
 
 

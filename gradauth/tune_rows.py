@@ -2,7 +2,8 @@
 
 Tune pickles its run config, callbacks included, into the experiment's tuner.pkl and restores them on `--resume`;
 so the callback carries no state: it forwards to the `SweepLog` the running driver set with `activate`, and a
-restored copy of it therefore writes to the current driver's log, never to a stale one.
+restored copy of it therefore writes to the current driver's log, never to a stale one. The targeted search's
+`DriverSearcher` does the same with the driver's search-progress writer (DIR/search.json).
 """
 from __future__ import annotations
 
@@ -15,86 +16,102 @@ from .checkpoint import from_bytes
 from .errors import GradauthError
 from .fsutil import atomic_path
 from .rows import TRIALS_SCHEMA, SweepLog
+from .search import TargetedSearcher
 from .trial import TrialContext, TrialSpec, base_row
 
 _ACTIVE: dict = {}
 
 
-def activate(log: SweepLog | None, ctx: TrialContext | None) -> None:
+def activate(log: SweepLog | None, ctx: TrialContext | None, on_search=None) -> None:
+    """`on_search(planner)`: called by the DriverSearcher whenever the search's state changed."""
     _ACTIVE.clear()
     if log is not None:
-        _ACTIVE.update(log=log, ctx=ctx)
+        _ACTIVE.update(log=log, ctx=ctx, on_search=on_search)
 
 
-def _spec(trial) -> TrialSpec:
-    return TrialSpec(**trial.config["trial"])
+def trial_ident(config: dict) -> tuple[str, str] | None:
+    """(trial_id, phase) of a Tune trial's config (grid point or searcher config); None for a lock-curve task,
+    which is no trial row (its points go to DIR/search.json)."""
+    if "phase" in config:
+        from .search import trial_name
+        return None if config["phase"] == "curve" else (trial_name(config), config["phase"])
+    return TrialSpec(**config["trial"]).trial_id, "grid"
 
 
-def failed_row(ctx: TrialContext, t: TrialSpec, error) -> dict:
+def failed_row(ctx: TrialContext, t: TrialSpec, error, ident: tuple[str, str] | None = None) -> dict:
+    tid, phase = ident or (t.trial_id, "grid")
     why = str(error).strip().splitlines()[-1][:200] if error else "did not finish"
-    print(f"[sweep] trial {t.trial_id} failed: {why}", file=sys.stderr)
-    return base_row(ctx, t) | {"status": "error"}
+    print(f"[sweep] trial {tid} failed: {why}", file=sys.stderr)
+    return base_row(ctx, t) | {"status": "error", "trial_id": tid, "phase": phase}
 
 
-def finished_row(t: TrialSpec, metrics: dict, checkpoint) -> tuple[dict, bytes | None]:
+def finished_row(t: TrialSpec, metrics: dict, checkpoint,
+                  ident: tuple[str, str] | None = None) -> tuple[dict, bytes | None]:
     """(row, model file bytes) of a trial that reported its row; the model comes from its final checkpoint and is
-    refused unless it is a plain gradauth model file."""
+    refused unless it is a plain gradauth model file (a thief trial keeps no model)."""
+    tid, phase = ident or (t.trial_id, "grid")
     # Tune fills in its own `trial_id` metric: ours is derived from the grid point, which also keeps it stable.
-    row = {k: metrics.get(k) for k in TRIALS_SCHEMA.names} | {"trial_id": t.trial_id}
+    row = {k: metrics.get(k) for k in TRIALS_SCHEMA.names} | {"trial_id": tid, "phase": phase}
     data = None
-    if row["status"] == "ok":
+    if row["status"] == "ok" and phase != "thief":
         if checkpoint is None:
-            raise GradauthError(f"trial {t.trial_id} finished without its model checkpoint")
+            raise GradauthError(f"trial {tid} finished without its model checkpoint")
         with checkpoint.as_directory() as d:
             data = (Path(d) / "model.pt").read_bytes()
-        from_bytes(data, f"checkpoint of {t.trial_id}")  # refuse anything that is not a plain model file
+        from_bytes(data, f"checkpoint of {tid}")  # refuse anything that is not a plain model file
     return row, data
 
 
 def row_from_result(result, ctx: TrialContext, models_dir: Path) -> dict:
     """A row from Tune's result grid, for a grid point whose row the callback did not see (a restored experiment
     that had already finished it, e.g. on a new head node whose output folder was lost)."""
-    t = TrialSpec(**result.config["trial"])
+    t, ident = TrialSpec(**result.config["trial"]), trial_ident(result.config)
     m = result.metrics or {}
     if result.error is not None or not m.get("row_complete"):
-        return failed_row(ctx, t, result.error)
-    row, data = finished_row(t, m, result.checkpoint)
+        return failed_row(ctx, t, result.error, ident)
+    row, data = finished_row(t, m, result.checkpoint, ident)
     if data is not None:
-        with atomic_path(models_dir / f"{t.trial_id}.pt") as tmp:
+        with atomic_path(models_dir / f"{ident[0]}.pt") as tmp:
             tmp.write_bytes(data)
     return row
+
+
+def _ident(trial) -> tuple[TrialSpec, tuple[str, str]] | None:
+    """(spec, (trial_id, phase)) of a trial with a row; None for a lock-curve task."""
+    ident = trial_ident(trial.config)
+    return None if ident is None else (TrialSpec(**trial.config["trial"]), ident)
 
 
 class RowWriter(tune.Callback):
     """Trial events → the active SweepLog: start, retry, finish (row + model file), failure after Tune's retries."""
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        if _ACTIVE:
-            _ACTIVE["log"].started(_spec(trial).trial_id)
+        if _ACTIVE and (i := _ident(trial)):
+            _ACTIVE["log"].started(i[1][0])
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        if _ACTIVE:
-            _ACTIVE["log"].retrying(_spec(trial).trial_id)
+        if _ACTIVE and (i := _ident(trial)):
+            _ACTIVE["log"].retrying(i[1][0])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        if not _ACTIVE:
+        if not _ACTIVE or not (i := _ident(trial)):
             return
-        log, ctx, t = _ACTIVE["log"], _ACTIVE["ctx"], _spec(trial)
+        log, ctx, (t, ident) = _ACTIVE["log"], _ACTIVE["ctx"], i
         m = trial.last_result or {}
-        if m.get("rereported") or t.trial_id in log.rows:
+        if m.get("rereported") or ident[0] in log.rows:
             return  # its row is on disk already (a --resume re-reported it without training)
         if not m.get("row_complete"):
-            log.finished(failed_row(ctx, t, "it ended without reporting its row"))
+            log.finished(failed_row(ctx, t, "it ended without reporting its row", ident))
             return
         try:
-            row, data = finished_row(t, m, trial.checkpoint)
+            row, data = finished_row(t, m, trial.checkpoint, ident)
         except GradauthError as e:
-            row, data = failed_row(ctx, t, e), None
+            row, data = failed_row(ctx, t, e, ident), None
         log.finished(row, data)
 
     def on_trial_error(self, iteration, trials, trial, **info):  # after Tune's retries (max_failures)
-        if _ACTIVE:
-            _ACTIVE["log"].finished(failed_row(_ACTIVE["ctx"], _spec(trial), "it raised (see its error.txt)"))
+        if _ACTIVE and (i := _ident(trial)):
+            _ACTIVE["log"].finished(failed_row(_ACTIVE["ctx"], i[0], "it raised (see its error.txt)", i[1]))
 
     def on_step_end(self, iteration, trials, **info):
         if _ACTIVE:
@@ -103,3 +120,23 @@ class RowWriter(tune.Callback):
     def on_experiment_end(self, trials, **info):
         if _ACTIVE:
             _ACTIVE["log"].flush(force=True)
+
+
+class DriverSearcher(TargetedSearcher):
+    """The TargetedSearcher of `gradauth sweep`: after each proposal and each finished trial it hands its planner to
+    the driver's progress writer (set with `activate`; a restored copy from tuner.pkl reaches the current driver's)."""
+
+    def _changed(self) -> None:
+        hook = _ACTIVE.get("on_search")
+        if hook is not None and self.planner is not None:
+            hook(self.planner)
+
+    def suggest(self, trial_id: str):
+        cfg = super().suggest(trial_id)
+        if isinstance(cfg, dict):
+            self._changed()
+        return cfg
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        super().on_trial_complete(trial_id, result, error)
+        self._changed()

@@ -190,5 +190,6 @@ def test_bad_settings_are_refused(kw, needle):
 
 def test_trial_columns_match_the_sweep_writer():
     pytest.importorskip("torch")
+    from gradauth.schema import OPTIONAL_COLUMNS
     from gradauth.sweep import TRIALS_SCHEMA
-    assert pa.schema(TRIAL_COLUMNS) == TRIALS_SCHEMA
+    assert pa.schema(TRIAL_COLUMNS | OPTIONAL_COLUMNS) == TRIALS_SCHEMA  # the contract, then the sweep's `phase`

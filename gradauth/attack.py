@@ -62,6 +62,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn as nn
 
+from . import rundir
 from .checkpoint import load_model_file, rebuild
 from .config import ImportanceConfig
 from .data import Dataset
@@ -104,7 +105,7 @@ def best_schedule(out: Path, importance: str, mode: str, value: float) -> Schedu
     """The whole schedule (every knob but the seed) with the highest mean fine_acc over seeds for this lock in
     trials.parquet (any lock if none has it); ties go to the first in sorted knob order."""
     group = SCHEDULE_GROUP
-    t = read_trials(out / "trials.parquet", ["status", "importance", "lock_mode", "lock_value", "ft_epochs", "ft_lr",
+    t = read_trials(out / rundir.TRIALS, ["status", "importance", "lock_mode", "lock_value", "ft_epochs", "ft_lr",
                                              "fine_acc"])
     ok = fill_defaults(t[t["status"] == "ok"], Schedule)  # an older file without a newer knob: its default
     same = ok[(ok["importance"] == importance) & (ok["lock_mode"] == mode) & ((ok["lock_value"] - value).abs() < 1e-12)]
@@ -168,7 +169,7 @@ def _scores(name: str, cfg, base: nn.Module, ds: Dataset):
 def targets(out: Path, cfg, ds: Dataset, compare: bool = True) -> tuple[list[Target], dict]:
     """The models the thief may start from, and what the public lock is."""
     doc, chosen, masks, importance = public_lock(out)
-    base, spec, _ = rebuild(load_model_file(out / "base.pt"))
+    base, spec, _ = rebuild(load_model_file(out / rundir.BASE))
     strongest = max(chosen, key=lambda c: int(c[1]["locked_channels"]))[1]
     mode, value = str(strongest["lock_mode"]), float(strongest["lock_value"])
     n = count_removed(masks)[0]
@@ -273,7 +274,7 @@ def run_attack(out_dir: str | Path, fractions=FRACTIONS, seeds=(0,), compare: bo
     from .rundir import git_sha, read_config
     out = Path(out_dir)
     cfg = read_config(out)
-    if not (out / "trials.parquet").is_file():
+    if not (out / rundir.TRIALS).is_file():
         raise GradauthError(f"{out / 'trials.parquet'} not found: run `gradauth sweep` (and `gradauth select`) first")
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad:
@@ -313,10 +314,10 @@ def run_attack(out_dir: str | Path, fractions=FRACTIONS, seeds=(0,), compare: bo
     df["best_level_reached"] = df["best_level_reached"].astype("Int64")
     table = pa.Table.from_pandas(df, preserve_index=False)
     table = table.replace_schema_metadata((table.schema.metadata or {}) | {META_KEY: json.dumps(derived).encode()})
-    with atomic_path(out / "attack.parquet") as tmp:
+    with atomic_path(out / rundir.ATTACK) as tmp:
         pq.write_table(table, tmp)
     text = md_stamp(derived) + "\n" + report(df, public, best)
-    write_text(out / "attack.md", text)
+    write_text(out / rundir.ATTACK_MD, text)
     print(text)
     return df
 
@@ -328,8 +329,8 @@ MD_STAMP = "<!-- gradauth derived_from: "
 def derived_from(out: Path) -> dict:
     """sha256 of the files an attack of DIR is derived from (None for a file that is not there)."""
     sha = lambda p: file_sha256(p) if p.is_file() else None
-    return {"levels_sha256": sha(out / "levels.json"), "trials_sha256": sha(out / "trials.parquet"),
-            "manifest_sha256": sha(out / "release" / MANIFEST)}
+    return {"levels_sha256": sha(out / rundir.LEVELS), "trials_sha256": sha(out / rundir.TRIALS),
+            "manifest_sha256": sha(out / rundir.RELEASE / MANIFEST)}
 
 
 def md_stamp(derived: dict) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import rundir
 from .errors import GradauthError
 from .fsutil import write_json
 from .machine import machine
@@ -150,9 +151,9 @@ def _seed_base(src: Path, dest: Path, cfg) -> None:
     """Start `dest` from the committed base model in `src` when it is this config's (same base_hash): both sides of
     the comparison fine-tune the same base, and nobody waits for it to be trained again."""
     dest.mkdir(parents=True, exist_ok=True)
-    info = src / "base.json"
-    if info.is_file() and (src / "base.pt").is_file() and json.loads(info.read_text()).get("base_hash") == cfg.base_hash():
-        for f in ("base.pt", "base.json"):
+    info = src / rundir.BASE_METRICS
+    if info.is_file() and (src / rundir.BASE).is_file() and json.loads(info.read_text()).get("base_hash") == cfg.base_hash():
+        for f in (rundir.BASE, rundir.BASE_METRICS):
             (dest / f).write_bytes((src / f).read_bytes())
 
 
@@ -174,7 +175,7 @@ def bench_search_pair(name: str, grid_cfg, targeted_cfg, work: Path, base_from: 
         _seed_base(base_from, g_dir, grid_cfg)
     info = train_stage(grid_cfg, g_dir, resume=True)
     t_dir.mkdir(parents=True, exist_ok=True)
-    for f in ("base.pt", "base.json"):
+    for f in (rundir.BASE, rundir.BASE_METRICS):
         (t_dir / f).write_bytes((g_dir / f).read_bytes())
     base_acc = float(info["base_acc"])
     sc = targeted_cfg.search

@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import rundir
 from .checkpoint import load_model_file, rebuild, save_model
 from .config import Config, load_config, parse_config
 from .data import Dataset, check_config_against, load_dataset
@@ -66,8 +67,8 @@ def train_stage(cfg: Config, out: Path, ds: Dataset | None = None, resume: bool 
 
     Checkpoints every epoch to base.ckpt; `resume=True` continues from it when it belongs to this config."""
     from .train import model_spec, train_base
-    if resume and (out / "base.pt").is_file() and (out / "base.json").is_file():
-        info = json.loads((out / "base.json").read_text())
+    if resume and (out / rundir.BASE).is_file() and (out / rundir.BASE_METRICS).is_file():
+        info = json.loads((out / rundir.BASE_METRICS).read_text())
         if info.get("base_hash", info.get("config_hash")) in (cfg.base_hash(), cfg.hash()):
             print(f"[train] {out / 'base.pt'} is up to date (same seed, data, model, train), skipped", file=sys.stderr)
             return info
@@ -83,8 +84,8 @@ def train_stage(cfg: Config, out: Path, ds: Dataset | None = None, resume: bool 
         model, info = train_base(cfg, ds.to(device), device, checkpoint=ckpt, resume=resume)
         info |= {"config_hash": cfg.hash(), "base_hash": cfg.base_hash(), "git_sha": git_sha()}
         write_config(cfg, out)
-        save_model(out / "base.pt", model.cpu(), model_spec(cfg, ds), extra={"config": cfg.to_dict()})
-        write_json(out / "base.json", info)
+        save_model(out / rundir.BASE, model.cpu(), model_spec(cfg, ds), extra={"config": cfg.to_dict()})
+        write_json(out / rundir.BASE_METRICS, info)
         ckpt.unlink(missing_ok=True)  # base.pt holds everything it had
     print(f"[train] base accuracy {info['base_acc']:.4f} (top-3 {info['base_top3']:.4f}) in {info['seconds']:.0f} s",
           file=sys.stderr)
@@ -93,10 +94,10 @@ def train_stage(cfg: Config, out: Path, ds: Dataset | None = None, resume: bool 
 
 def trial_context(cfg: Config, out: Path, ds: Dataset | None = None) -> TrialContext:
     """What every trial shares: base weights, importance scores (computed once), the dataset."""
-    if not (out / "base.pt").is_file():
+    if not (out / rundir.BASE).is_file():
         raise GradauthError(f"{out / 'base.pt'} not found: run `gradauth train CONFIG` (or `gradauth run CONFIG`) first")
-    model, spec, _ = rebuild(load_model_file(out / "base.pt"))
-    info = json.loads((out / "base.json").read_text())
+    model, spec, _ = rebuild(load_model_file(out / rundir.BASE))
+    info = json.loads((out / rundir.BASE_METRICS).read_text())
     ds = ds or load_dataset(cfg.data, cfg.seed)
     scores = {}
     for imp in cfg.importance:
@@ -110,8 +111,8 @@ def trial_context(cfg: Config, out: Path, ds: Dataset | None = None) -> TrialCon
 def sweep_stage(cfg: Config, out: Path, resume: bool = False, ds: Dataset | None = None):
     from .sweep import run_sweep
     with run_lock(out, "sweep"):
-        if (out / "base.pt").is_file():  # before the importance scores, which can take a while
-            spec = load_model_file(out / "base.pt")["spec"]
+        if (out / rundir.BASE).is_file():  # before the importance scores, which can take a while
+            spec = load_model_file(out / rundir.BASE)["spec"]
             check_output_space(out, space_needed(cfg, spec["num_classes"], spec["in_channels"], ("sweep",)),
                                "the sweep")
             storage = cfg.sweep.storage
@@ -134,7 +135,7 @@ def select_stage(out: Path, **overrides):
     max_locked_acc chance (1 / num_classes from the table) + 0.1, the folder's name as the experiment."""
     from .select import select_dir
     with run_lock(out, "select", create=False):
-        if (out / "config.yaml").is_file() or not (out / "trials.parquet").is_file():
+        if (out / rundir.CONFIG).is_file() or not (out / rundir.TRIALS).is_file():
             cfg = read_config(out)
             defaults = {k: v for k, v in vars(cfg.select).items() if v is not None} | {"experiment": cfg.name}
         else:
@@ -147,10 +148,10 @@ def select_stage(out: Path, **overrides):
 def slice_stage(cfg: Config, out: Path) -> Path:
     """NNSlicer contributions of the base model's channels → slices.parquet."""
     from .slicing import run_slice
-    if not (out / "base.pt").is_file():
+    if not (out / rundir.BASE).is_file():
         raise GradauthError(f"{out / 'base.pt'} not found: run `gradauth train CONFIG` first, then slice it")
     with run_lock(out, "slice"):
-        model, _, _ = rebuild(load_model_file(out / "base.pt"))
+        model, _, _ = rebuild(load_model_file(out / rundir.BASE))
         path = run_slice(cfg, out, model, load_dataset(cfg.data, cfg.seed))
     print(f"[slice] → {path}", file=sys.stderr)
     return path

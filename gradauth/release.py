@@ -64,6 +64,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from . import rundir
 from .checkpoint import from_bytes, load_model_file, rebuild, to_bytes
 from .compact import compact
 from .errors import GradauthError
@@ -78,8 +79,8 @@ KEY_BYTES = 32
 LOCKED = "locked.pt"
 MANIFEST = "manifest.json"
 OWNER_KEYS = "owner-keys.json"
-RELEASE = "release"             # DIR/release/: what is published
-KEYS = "keys"                   # DIR/keys/ (0700): the owner's keys, never published
+RELEASE = rundir.RELEASE             # DIR/release/: what is published
+KEYS = rundir.KEYS                   # DIR/keys/ (0700): the owner's keys, never published
 ARCHIVE = "archive"             # DIR/keys/archive/<release id>/: replaced releases and their keys
 PUBLIC_MODE = 0o644             # what is published is world-readable; owner-keys.json is 0600
 SECRET_DIR_MODE = 0o700
@@ -256,14 +257,14 @@ RELEASE_TRIAL_COLUMNS = ["trial_id", "status", "fine_acc", "importance", "lock_m
 def read_levels(out: Path, trials=None) -> dict:
     """DIR/levels.json through schema.read_levels (validated; with `trials`, its trial ids checked against them)."""
     from .schema import read_levels as read
-    return read(out / "levels.json", trials)
+    return read(out / rundir.LEVELS, trials)
 
 
 def chosen_trials(out: Path, doc: dict, trials=None):
     """Per level, the ok seed trial whose fine_acc is nearest the level's mean (ties: first trial id)."""
     from .schema import read_trials
     if trials is None:
-        trials = read_trials(out / "trials.parquet", RELEASE_TRIAL_COLUMNS)
+        trials = read_trials(out / rundir.TRIALS, RELEASE_TRIAL_COLUMNS)
     chosen = []
     for lv in doc["levels"]:
         rows = trials[trials["trial_id"].isin(lv["trial_ids"]) & (trials["status"] == "ok")].sort_values("trial_id")
@@ -273,7 +274,7 @@ def chosen_trials(out: Path, doc: dict, trials=None):
         # The mean of the seeds themselves (levels.json rounds it to 6 digits, which would break two-seed ties).
         dist = (rows["fine_acc"] - rows["fine_acc"].mean()).abs().round(9)
         row = rows.loc[dist.idxmin()]  # idxmin takes the first minimum, and rows are in trial_id order
-        path = out / "models" / f"{row['trial_id']}.pt"
+        path = rundir.model_path(out, row['trial_id'])
         if not path.is_file():
             raise GradauthError(f"{path} not found: the sweep keeps every ok trial's model; re-run `gradauth sweep`")
         chosen.append((lv, row, path))
@@ -286,10 +287,10 @@ def public_lock(out: Path, doc: dict | None = None):
     trials.parquet and levels.json are validated (schema.py), and a levels.json selected from another version of
     trials.parquet (it records the sha256 of the one it came from) is refused."""
     from .schema import check_levels_current, read_trials
-    trials = read_trials(out / "trials.parquet", RELEASE_TRIAL_COLUMNS)
+    trials = read_trials(out / rundir.TRIALS, RELEASE_TRIAL_COLUMNS)
     if doc is None:
         doc = read_levels(out, trials)
-        check_levels_current(doc, out / "levels.json", out / "trials.parquet")
+        check_levels_current(doc, out / rundir.LEVELS, out / rundir.TRIALS)
     chosen = chosen_trials(out, doc, trials)
     masks = union_masks([load_model_file(p)["masks"] for _, _, p in chosen])
     imps = sorted({str(r["importance"]) for _, r, _ in chosen})
@@ -332,7 +333,7 @@ def build_release(out: Path) -> tuple[dict, dict[str, bytes], dict[int, bytes]]:
     ds = load_dataset(cfg.data, cfg.seed)
     bound = lock_bound(cfg, ds.num_classes)
     noise_seed = secrets.randbits(63) if cfg.release.noise_init else None  # secret: a known seed would show the lock
-    base, spec, _ = rebuild(load_model_file(out / "base.pt"))
+    base, spec, _ = rebuild(load_model_file(out / rundir.BASE))
     public = locked_copy(base, masks, noise_seed)
     acc, top3 = evaluate(public, ds, ds.test)
     if acc > bound:

@@ -12,7 +12,8 @@ report, attack, status …) can use it without importing another stage.
     DIR/attack.parquet     attack results; attack.md their table
     DIR/slices.parquet     NNSlicer contributions
     DIR/report.md          the report; plots/ its figures
-    DIR/ray/               Tune's storage unless sweep.storage says otherwise
+    DIR/ray/               Tune's storage unless sweep.storage says otherwise (its experiment in <storage>/sweep)
+    DIR/.gradauth.lock     held by the stage running on the folder (runlock.py)
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ SLICES = "slices.parquet"
 REPORT = "report.md"
 PLOTS = "plots"
 RAY = "ray"
+LOCK = ".gradauth.lock"  # runlock.py: one stage at a time per output folder
 EXPERIMENT = "sweep"  # Tune's experiment folder inside the storage
 
 RUNS = Path("runs")  # where a run writes unless --out says otherwise (gitignored; results/ holds committed references)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import rundir
 from .errors import GradauthError
 from .schema import OPTIONAL
 from .rows import FINISHED, PARTS, TRIALS_SCHEMA, read_parts, read_progress
@@ -24,14 +25,14 @@ def _grid_size(cfg) -> int:
 def sweep_status(out: Path) -> dict:
     from .config import load_config
     from .select import load_trials
-    if not (out / "config.yaml").is_file():
+    if not (out / rundir.CONFIG).is_file():
         raise GradauthError(f"{out} holds no config.yaml: is it an output dir of `gradauth run` / `gradauth sweep`?")
-    cfg = load_config(out / "config.yaml")
+    cfg = load_config(out / rundir.CONFIG)
     progress = read_progress(out)
     if (out / PARTS).is_dir():
         rows = read_parts(out)
-    elif (out / "trials.parquet").is_file():
-        rows = load_trials(out / "trials.parquet", [c for c in TRIALS_SCHEMA.names if c not in OPTIONAL])
+    elif (out / rundir.TRIALS).is_file():
+        rows = load_trials(out / rundir.TRIALS, [c for c in TRIALS_SCHEMA.names if c not in OPTIONAL])
     else:
         rows = pd.DataFrame(columns=TRIALS_SCHEMA.names)
     states = dict(progress["trials"]) if progress else {}

@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from . import rundir
 from . import registry
 from .checkpoint import to_bytes
 from .config import Config
@@ -206,7 +207,7 @@ def _done_rows(out_dir: Path, specs: list[TrialSpec]) -> dict[str, dict]:
     """Rows that `--resume` keeps: grid points already finished, from trials.parquet and from the row parts a
     killed driver left in trials.d (newer): an `ok` one with its model file, an `unlockable` or `degenerate` one."""
     rows = []
-    path = out_dir / "trials.parquet"
+    path = out_dir / rundir.TRIALS
     if path.is_file():
         rows += pd.read_parquet(path).to_dict("records")
     rows += read_parts(out_dir).to_dict("records")
@@ -215,7 +216,7 @@ def _done_rows(out_dir: Path, specs: list[TrialSpec]) -> dict[str, dict]:
     for row in rows:
         tid, status = row.get("trial_id"), row.get("status")
         if tid in ids and (status in ("unlockable", "degenerate") or
-                           (status == "ok" and (out_dir / "models" / f"{tid}.pt").is_file())):
+                           (status == "ok" and rundir.model_path(out_dir, tid).is_file())):
             keep[tid] = row
         elif tid in ids:
             keep.pop(tid, None)  # a newer row of the point that is not finished (an error): run it again
@@ -292,8 +293,8 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
               f"{len(pending)} to run", file=sys.stderr)
     if not pending:
         return SweepLog(out_dir, cfg.name, [s.trial_id for s in specs], done, fresh=not resume).compact()
-    storage = cfg.sweep.storage or str((out_dir / "ray").resolve())
-    exp_path = f"{storage.rstrip('/')}/sweep"
+    storage = rundir.tune_storage(cfg, out_dir)
+    exp_path = rundir.experiment_path(storage)
     # Which grid points the experiment in exp_path was started for: restoring it is right only if they include
     # every point still missing and the others are finished (same config, killed driver); after the grid changed,
     # a fresh experiment runs the new points. The marker lives in the storage next to the experiment, so a new
@@ -328,7 +329,7 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
             tune_config=tune.TuneConfig(max_concurrent_trials=cfg.sweep.max_concurrent, reuse_actors=True,
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(
-                name="sweep", storage_path=storage, callbacks=[RowWriter()],
+                name=rundir.EXPERIMENT, storage_path=storage, callbacks=[RowWriter()],
                 failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1))
     activate(log, ctx)
@@ -340,7 +341,7 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
     # Grid points the callback did not see finish: a restored experiment had finished them before (a new head node
     # whose output folder was lost restores everything from sweep.storage).
     missing = {s.trial_id for s in pending} - set(log.rows)
-    extra = [row_from_result(r, ctx, out_dir / "models") for r in results
+    extra = [row_from_result(r, ctx, out_dir / rundir.MODELS) for r in results
              if TrialSpec(**r.config["trial"]).trial_id in missing]
     return log.compact(extra)
 
@@ -376,7 +377,7 @@ def _targeted_done(out_dir: Path) -> dict[str, dict]:
     """Rows a targeted `--resume` keeps: level rows `ok` with their model file, thief rows `ok`, and `unlockable` or
     `degenerate` level rows (from trials.parquet and the parts a killed driver left)."""
     rows = []
-    path = out_dir / "trials.parquet"
+    path = out_dir / rundir.TRIALS
     if path.is_file():
         rows += pd.read_parquet(path).to_dict("records")
     rows += read_parts(out_dir).to_dict("records")
@@ -386,7 +387,7 @@ def _targeted_done(out_dir: Path) -> dict[str, dict]:
         if phase not in ("level", "thief"):
             continue
         if status in ("unlockable", "degenerate") or (status == "ok" and (
-                phase == "thief" or (out_dir / "models" / f"{tid}.pt").is_file())):
+                phase == "thief" or rundir.model_path(out_dir, tid).is_file())):
             keep[tid] = row
         else:
             keep.pop(tid, None)
@@ -424,8 +425,8 @@ def run_targeted(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = F
     print(f"[search] targets {', '.join(f'{t:.3f}' for t in planner.targets)} (base {ctx.base_acc:.3f}, lock bound "
           f"{ctx.lock_bound:.3f}, tolerance {cfg.search.tolerance:g})", file=sys.stderr)
     done = _targeted_done(out_dir) if resume else {}
-    storage = cfg.sweep.storage or str((out_dir / "ray").resolve())
-    exp_path = f"{storage.rstrip('/')}/sweep"
+    storage = rundir.tune_storage(cfg, out_dir)
+    exp_path = rundir.experiment_path(storage)
     marker = [f"targeted:{cfg.hash()}:{ctx.base_acc!r}"]  # the experiment in exp_path is this search's
     restore = resume and _read_points(storage) == marker
     if restore:
@@ -462,7 +463,7 @@ def run_targeted(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = F
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, reuse_actors=True,
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(
-                name="sweep", storage_path=storage, callbacks=[RowWriter()],
+                name=rundir.EXPERIMENT, storage_path=storage, callbacks=[RowWriter()],
                 failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1))
     write_search(out_dir, planner) if not restore else None
@@ -476,7 +477,7 @@ def run_targeted(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = F
     for r in results:
         ident = trial_ident(r.config)
         if ident is not None and ident[0] not in log.rows:
-            extra.append(row_from_result(r, ctx, out_dir / "models"))
+            extra.append(row_from_result(r, ctx, out_dir / rundir.MODELS))
     summary = write_search(out_dir, last["planner"])
     print_search_outcome(summary)
     return log.compact(extra)

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn as nn
 
+from .. import rundir
 from ..config import Config, ImportanceConfig
 from ..data import Dataset, Split, normalize
 from ..errors import GradauthError
@@ -111,7 +112,7 @@ def run_slice(cfg: Config, out_dir: Path, base_model: nn.Module, ds: Dataset, us
         x, y = sliced_inputs(ds, imp.samples, [cls] if cls is not None else None)
         for k, v in rows(run(x, cls), -1 if cls is None else cls).items():
             table[k] += v
-    path = Path(out_dir) / "slices.parquet"
+    path = Path(out_dir) / rundir.SLICES
     with atomic_path(path) as tmp:
         pq.write_table(pa.table(table, schema=SCHEMA), tmp)
     return path

@@ -5,7 +5,7 @@ report, attack, status …) can use it without importing another stage.
     DIR/config.yaml        the resolved config (write_config / read_config)
     DIR/base.pt            the trained base model; base.json its metrics; base.ckpt training's per-epoch checkpoint
     DIR/trials.parquet     one row per trial; trials.d/ the row parts a running (or killed) driver left
-    DIR/progress.json      the sweep's progress
+    DIR/progress.json      the sweep's progress; search.json the targeted search's
     DIR/levels.json        the selected levels
     DIR/models/<id>.pt     each finished trial's model
     DIR/release/           the public locked model, the packs; keys/ the owner keys
@@ -32,6 +32,7 @@ CHECKPOINT = "base.ckpt"  # base training's per-epoch checkpoint (train.py), rem
 TRIALS = "trials.parquet"
 PARTS = "trials.d"
 PROGRESS = "progress.json"
+SEARCH = "search.json"  # the targeted search's progress and outcome (sweep.write_search)
 LEVELS = "levels.json"
 MODELS = "models"
 RELEASE = "release"

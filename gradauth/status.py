@@ -58,7 +58,7 @@ def sweep_status(out: Path) -> dict:
             "updated": progress.get("updated") if progress else None, "select": cfg.select}
 
 
-SEARCH_FILE = "search.json"  # sweep.SEARCH_FILE (not imported: sweep.py imports torch)
+SEARCH_FILE = rundir.SEARCH
 
 
 def read_search(out: Path) -> dict | None:

@@ -346,7 +346,7 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
     return log.compact(extra)
 
 
-SEARCH_FILE = "search.json"
+SEARCH_FILE = rundir.SEARCH
 
 
 def write_search(out_dir: Path, planner) -> dict:

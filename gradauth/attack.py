@@ -12,7 +12,8 @@ of one seeded shuffle, so a larger slice contains the smaller). They do not know
 
 Targets (one row per target × fraction × schedule × seed in `attack.parquet`):
 
-- `public`: the released lock (union of the levels' locks) in the forms of `FORMS`:
+- `public`: the released lock (`release.public_model`: the thief-chosen lock when trials.parquet has thief trials,
+  else the union of the levels' locks) in the forms of `FORMS`:
   - `zeros` (init zeros, filters erased, thief_init none): the release as `gradauth release` writes it, fine-tuned
     naively. A channel with γ = β = 0 gets no gradient where its BN feeds a ReLU (the ReLU input is exactly 0, where
     its gradient is 0), and with its filter erased not even through a residual add, so it never comes back.
@@ -37,6 +38,10 @@ Targets (one row per target × fraction × schedule × seed in `attack.parquet`)
 Every lock as released (`zeros`) also gets one `owner` row: the best schedule as swept (its data fraction included)
 with the masks held, the level that lock could sell, so a lock the thief cannot recover is not mistaken for a good
 one when the owner cannot either.
+
+Every fraction is attacked from the public model and from scratch with the same schedules (checked), and attack.md
+has a head-start table: per fraction, the thief's best from the public model as released (zeros and revived, or
+noise for a `release.noise_init` config) against the best from scratch, and the difference.
 
 `prun_acc` is each target's accuracy before the attack; `level_accs` are the levels' mean fine_acc (levels.json);
 `best_level_reached` is the best level whose accuracy the thief matches (null if none). The report is `attack.md`.
@@ -73,7 +78,7 @@ from .knobs import Schedule, columns, fill_defaults, from_row, schedule_dict, sc
 from .fsutil import atomic_path, write_text
 from .importance import bn_gamma
 from .prune import count_removed, lock_masks, masks_from_model
-from .release import MANIFEST, fresh_filters, locked_channels, locked_copy, public_lock
+from .release import MANIFEST, fresh_filters, locked_channels, locked_copy, public_model
 from .schema import file_sha256, read_trials
 
 FRACTIONS = (0.01, 0.05, 0.1)   # of the labelled training split the thief holds
@@ -168,10 +173,10 @@ def _scores(name: str, cfg, base: nn.Module, ds: Dataset):
 
 def targets(out: Path, cfg, ds: Dataset, compare: bool = True) -> tuple[list[Target], dict]:
     """The models the thief may start from, and what the public lock is."""
-    doc, chosen, masks, importance = public_lock(out)
+    pub = public_model(out)
+    doc, masks, importance, choice = pub["doc"], pub["masks"], pub["importance"], pub["choice"]
     base, spec, _ = rebuild(load_model_file(out / rundir.BASE))
-    strongest = max(chosen, key=lambda c: int(c[1]["locked_channels"]))[1]
-    mode, value = str(strongest["lock_mode"]), float(strongest["lock_value"])
+    mode, value = str(choice["lock_mode"]), float(choice["lock_value"])
     n = count_removed(masks)[0]
     found = _lock_targets("public", importance, mode, value, base, masks, ds)
     if compare:
@@ -181,7 +186,8 @@ def targets(out: Path, cfg, ds: Dataset, compare: bool = True) -> tuple[list[Tar
     scratch = _fresh(spec)
     found.append(Target("scratch", None, None, None, 0, "random", scratch, evaluate(scratch, ds, ds.test)[0]))
     public = {"importance": importance, "lock_mode": mode, "lock_value": value, "locked_channels": n,
-              "prun_acc": found[0].prun_acc, "levels": doc["levels"]}
+              "prun_acc": found[0].prun_acc, "levels": doc["levels"], "chosen_by": choice["chosen_by"],
+              "why": choice["why"], "released_init": "noise" if cfg.release.noise_init else "zeros"}
     return found, public
 
 
@@ -312,6 +318,7 @@ def run_attack(out_dir: str | Path, fractions=FRACTIONS, seeds=(0,), compare: bo
         rows += mine
     df = pd.DataFrame(rows)
     df["best_level_reached"] = df["best_level_reached"].astype("Int64")
+    head_starts(df, public.get("released_init", "zeros"))  # every fraction attacked from both, or refuse
     table = pa.Table.from_pandas(df, preserve_index=False)
     table = table.replace_schema_metadata((table.schema.metadata or {}) | {META_KEY: json.dumps(derived).encode()})
     with atomic_path(out / rundir.ATTACK) as tmp:
@@ -361,6 +368,28 @@ def attack_label(r) -> str:
     return f"{r['target']} {r['lock_importance']} {r['lock_mode']} {r['lock_value']:g} ({how})"
 
 
+def head_starts(df: pd.DataFrame, released_init: str = "zeros") -> list[dict]:
+    """Per thief fraction: the best recovered accuracy from the public model as released (`zeros` and the careful
+    thief's `revive` of it, or `noise` for a noise_init release; any schedule), from scratch (any schedule), and the
+    head start public − scratch. Refuses (an internal error) a fraction that lacks either side."""
+    forms = {("noise", "none")} if released_init == "noise" else {("zeros", "none"), ("zeros", "revive")}
+    thief = df[df["schedule"] != "owner"]
+    pub = thief[(thief["target"] == "public") & (thief["filters"] != "kept")
+                & pd.Series([(i, t) in forms for i, t in zip(thief["init"], thief["thief_init"])], index=thief.index,
+                            dtype=bool)]
+    scr = thief[thief["target"] == "scratch"]
+    mean = lambda d: d.groupby(["attacker_fraction", "schedule", "init", "thief_init"])["recovered_acc"].mean()
+    out = []
+    for f in sorted(set(thief["attacker_fraction"])):
+        p, s = mean(pub[pub["attacker_fraction"] == f]), mean(scr[scr["attacker_fraction"] == f])
+        if p.empty or s.empty:
+            raise GradauthError(f"the attack has no {'public' if p.empty else 'scratch'} run at {f:.0%} of the data: "
+                                f"every fraction needs both; re-run `gradauth attack`")
+        out.append({"fraction": float(f), "public": float(p.max()), "scratch": float(s.max()),
+                    "head_start": float(p.max() - s.max())})
+    return out
+
+
 def report(df: pd.DataFrame, public: dict, best: Schedule) -> str:
     """attack.md: one line per starting model, recovered accuracy per (thief's data, schedule), the level reached."""
     levels = sorted(public["levels"], key=lambda lv: int(lv["level"]))
@@ -398,8 +427,17 @@ def report(df: pd.DataFrame, public: dict, best: Schedule) -> str:
         at_start = [int(lv["level"]) for lv in levels if before >= float(lv["fine_acc"])]
         start = f"{before:.3f}" + (f" L{min(at_start)}" if at_start else "")
         lines.append(f"| {name} | {g['locked_channels'].iloc[0]} | {start} | " + " | ".join(cells) + " |")
+    init = public.get("released_init", "zeros")
+    lines += ["", "## Head start: the public model against training from scratch", "",
+              f"Public lock chosen by: {public.get('chosen_by', 'levels_union')} ({public.get('why', '')}).", "",
+              "Per fraction of the labelled data: the thief's best from the public model as released ("
+              + ("noise init" if init == "noise" else "zeros, or revived by the thief") + ", any schedule), the best "
+              "from scratch on the same data (any schedule), and the head start the public model gives.", "",
+              "| thief's data | from the public model | from scratch | head start |", "|---|---|---|---|"]
+    for h in head_starts(df, init):
+        lines.append(f"| {h['fraction']:.0%} | {h['public']:.3f} | {h['scratch']:.3f} | {h['head_start']:+.3f} |")
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["run_attack", "derived_from", "read_derived", "md_stamp", "targets", "alt_targets", "calibrate", "steal", "runs", "best_schedule", "schedules", "report",
+__all__ = ["run_attack", "derived_from", "read_derived", "md_stamp", "targets", "alt_targets", "calibrate", "steal", "runs", "best_schedule", "schedules", "report", "head_starts",
            "FRACTIONS"]

@@ -221,7 +221,7 @@ def bench_search(out: Path, only: list[str] | None = None) -> dict:
     from .config import load_config
     root = Path(__file__).resolve().parents[1]
     only = only or [n for n in os.environ.get("GRADAUTH_BENCH_ONLY", "").split(",") if n.strip()] or None
-    result = {"bench": "search", "machine": _machine(), "load_average_before": os.getloadavg(), "runs": {}}
+    result = {"bench": "search", "machine": machine(), "load_average_before": os.getloadavg(), "runs": {}}
     for name, g, t in SEARCH_PAIRS:
         if only and name not in only:
             continue

@@ -71,6 +71,19 @@ def cmd_slice(a):
     slice_stage(cfg, out_dir_for(cfg, a.out))
 
 
+def cmd_detect(a):
+    from .detect import detect, load, settings_from
+    from .pipeline import out_dir_for
+    cfg, raw = load(a.config)
+    settings = settings_from(raw, {"normal": a.normal, "clean": a.clean, "attacks": a.attacks,
+                                   "samples": a.samples, "seconds": a.seconds, "features": a.features,
+                                   "theta": a.theta, "seed": a.seed})
+    from .runlock import run_lock
+    out = out_dir_for(cfg, a.out)
+    with run_lock(out, "detect", create=False):  # detect needs DIR/base.pt: a missing DIR is refused, not made
+        print(detect(cfg, out, settings))
+
+
 def cmd_report(a):
     from .report import write_report
     from .runlock import run_lock
@@ -128,6 +141,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("model_file"), s.add_argument("--config", required=True)
     s = add("slice", cmd_slice, "NNSlicer slicing → slices.parquet")
     s.add_argument("config"), s.add_argument("--out")
+    s = add("detect", cmd_detect, "NNSlicer adversarial-input detection on the base model → detect.parquet, "
+            "detect.md (settings: flags, or a detect: mapping in the config)")
+    s.add_argument("config"), s.add_argument("--out")
+    s.add_argument("--attacks", help="NAME[:EPS,EPS…];NAME… (EPS in (0, 1] pixel units), e.g. 'FGSM:0.03;CW-L2'")
+    s.add_argument("--normal", type=int, help="normal training inputs the classifiers learn from")
+    s.add_argument("--clean", type=int, help="clean test inputs for the false-positive rate")
+    s.add_argument("--samples", type=int, help="budget: inputs attacked per attack and ε")
+    s.add_argument("--seconds", type=float, help="budget: no new batch after this many seconds per attack and ε")
+    s.add_argument("--features", choices=["channel", "neuron"]), s.add_argument("--theta", type=float)
+    s.add_argument("--seed", type=int)
     s = add("report", cmd_report, "report.md and plots/*.png")
     s.add_argument("dir")
     s = add("attack", cmd_attack, "the thief's view: fine-tune the public model with some data")

@@ -2,9 +2,16 @@
 
 `gradauth release DIR` reads `levels.json`, `trials.parquet` and `models/<trial_id>.pt` and writes `DIR/release/`:
 
-- `locked.pt`: the public model, a normal model file (no masks inside). It is the base model locked at the union of
-  the levels' locks (for rate or threshold locks of one importance source the removed sets are nested, so this is
-  the strongest lock among the levels), with γ and β of the removed channels at zero and, beyond the paper's lock,
+- `locked.pt`: the public model, a normal model file (no masks inside). Its lock is chosen for protection,
+  independently of the levels' locks (each pack holds a complete model): among the locks that thief trials of the
+  sweep measured (rows `thief-…` of trials.parquet, see select.py), the one whose thief recovery is closest to
+  training from scratch, i.e. the smallest worst head start (public thief − scratch thief, best schedule at each
+  of the thief's data fractions; ties: the stronger lock), among those whose locked accuracy is ≤ the lock bound
+  and that were measured at every fraction the scratch thief was (`choose_public`). Without thief rows it is, as
+  before, the base model locked at the union of the levels' locks (for rate or threshold locks of one importance
+  source the removed sets are nested, so this is the strongest lock among the levels); the manifest's
+  `locked.chosen_by` and `locked.why` say which, and `thief` holds the thief figures (per fraction: public,
+  scratch, head start) of the chosen lock. The model has γ and β of the removed channels at zero and, beyond the paper's lock,
   their conv filters and BN running statistics erased (`erase`): that changes no output of the locked model, but the
   filters are the trained feature detectors a thief would otherwise revive for free. With `release.noise_init` the
   locked γ/β are redrawn from the same layer's unlocked ones and the filters are random, so nothing shows which
@@ -61,6 +68,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pandas as pd
 import torch
 import torch.nn as nn
 
@@ -282,19 +290,105 @@ def chosen_trials(out: Path, doc: dict, trials=None):
 
 
 def public_lock(out: Path, doc: dict | None = None):
-    """What the public model is made of: (levels.json, [(level, trial row, model file)], union masks, importance).
+    """What the public model is made of: (levels.json, [(level, trial row, model file)], masks, importance).
+    `public_model` says more (how the lock was chosen, the thief figures)."""
+    p = public_model(out, doc)
+    return p["doc"], p["chosen"], p["masks"], p["importance"]
 
-    trials.parquet and levels.json are validated (schema.py), and a levels.json selected from another version of
-    trials.parquet (it records the sha256 of the one it came from) is refused."""
+
+UNION = "levels_union"
+THIEF = "thief"
+
+
+def public_model(out: Path, doc: dict | None = None) -> dict:
+    """The public model's lock: {doc, chosen, masks, importance, choice} where `choice` is `choose_public`'s (with
+    `lock_mode`/`lock_value` of the lock). trials.parquet and levels.json are validated (schema.py), and a
+    levels.json selected from another version of trials.parquet (it records the sha256 of the one it came from) is
+    refused."""
+    from .rundir import lock_bound, read_config
     from .schema import check_levels_current, read_trials
-    trials = read_trials(out / rundir.TRIALS, RELEASE_TRIAL_COLUMNS)
+    trials = read_trials(out / rundir.TRIALS, RELEASE_TRIAL_COLUMNS + ["num_classes", "prun_acc", "ft_epochs",
+                                                                          "ft_lr", "ft_data_fraction", "ft_scope"])
     if doc is None:
         doc = read_levels(out, trials)
         check_levels_current(doc, out / rundir.LEVELS, out / rundir.TRIALS)
     chosen = chosen_trials(out, doc, trials)
-    masks = union_masks([load_model_file(p)["masks"] for _, _, p in chosen])
-    imps = sorted({str(r["importance"]) for _, r, _ in chosen})
-    return doc, chosen, masks, "+".join(imps)
+    classes = pd.to_numeric(trials["num_classes"]).dropna().unique()
+    bound = lock_bound(read_config(out), int(classes[0])) if len(classes) == 1 else None
+    choice = choose_public(trials, bound) if bound is not None else {
+        "chosen_by": UNION, "why": "trials.parquet mixes num_classes, so no lock bound: the union of the levels' locks"}
+    if choice["chosen_by"] == THIEF:
+        masks = _thief_lock_masks(out, choice)
+        importance = choice["importance"]
+    else:
+        masks = union_masks([load_model_file(p)["masks"] for _, _, p in chosen])
+        importance = "+".join(sorted({str(r["importance"]) for _, r, _ in chosen}))
+        strongest = max(chosen, key=lambda c: int(c[1]["locked_channels"]))[1]
+        choice |= {"lock_mode": str(strongest["lock_mode"]), "lock_value": float(strongest["lock_value"])}
+    return {"doc": doc, "chosen": chosen, "masks": masks, "importance": importance, "choice": choice}
+
+
+def choose_public(trials, bound: float) -> dict:
+    """Pick the public lock from the thief rows of `trials` (plain rows, no models): {chosen_by: thief, importance,
+    lock_mode, lock_value, locked_channels, prun_acc, worst_head_start, by_fraction: [{fraction, public, scratch,
+    head_start}], candidates: [...], why} or {chosen_by: levels_union, why} when no measured lock qualifies."""
+    from .schema import thief_rows
+    from .select import head_start, lock_label, thief_table
+    thieves = trials[thief_rows(trials)]
+    union = lambda why: {"chosen_by": UNION, "why": f"{why}: the union of the levels' locks"}
+    if thieves.empty:
+        return union("no thief trials in trials.parquet")
+    t = thief_table(thieves)
+    fracs = sorted(set(t.loc[t["kind"] == "scratch", "ft_data_fraction"].astype(float)))
+    if not fracs:
+        return union("no finished from-scratch thief trial to compare the public locks with")
+    cands, skipped = [], []
+    for (imp, mode, value), g in t[t["kind"] == "public"].groupby(["importance", "lock_mode", "lock_value"], sort=True):
+        name = f"{imp} {lock_label(mode, float(value))}"
+        fig = head_start(t, (imp, mode, float(value)))
+        heads = {r["fraction"]: r["head_start"] for r in fig}
+        missing = [f for f in fracs if heads.get(f) is None]
+        prun = float(g["prun_acc"].max())
+        if missing:
+            skipped.append(f"{name}: no thief trial at {', '.join(f'{100 * f:g}%' for f in missing)} of the data")
+        elif not prun <= bound + 1e-9:
+            skipped.append(f"{name}: locked accuracy {prun:.3f} above the lock bound {bound:.3f}")
+        else:
+            cands.append({"importance": str(imp), "lock_mode": str(mode), "lock_value": float(value),
+                          "locked_channels": int(g["locked_channels"].max()), "prun_acc": round(prun, 6),
+                          "worst_head_start": round(max(heads[f] for f in fracs), 6),
+                          "by_fraction": [r for r in fig if r["fraction"] in fracs]})
+    if not cands:
+        return union("no thief-measured lock qualifies (" + "; ".join(skipped) + ")" if skipped else
+                     "no finished thief trial on a public model")
+    best = min(cands, key=lambda c: (c["worst_head_start"], -c["locked_channels"], c["lock_value"]))
+    why = (f"of {len(cands)} thief-measured lock(s) at or under the lock bound {bound:.3f}, the one whose thief "
+           f"recovery is closest to training from scratch: worst head start {best['worst_head_start']:+.3f} over "
+           f"{', '.join(f'{100 * f:g}%' for f in fracs)} of the data")
+    return {"chosen_by": THIEF, **best, "candidates": cands, "skipped": skipped, "why": why}
+
+
+def _thief_lock_masks(out: Path, choice: dict) -> Masks:
+    """The masks of a thief-measured lock, recomputed from base.pt and the config's importance source; refused if
+    they do not lock as many channels as the thief trials recorded (base.pt is not the sweep's)."""
+    from .data import load_dataset
+    from .importance import get_importance
+    from .rundir import read_config
+    from .prune import lock_masks
+    cfg = read_config(out)
+    imp = next((i for i in cfg.importance if i.label == choice["importance"]), None)
+    if imp is None:
+        raise GradauthError(f"the thief trials' lock uses importance {choice['importance']!r}, which config.yaml does "
+                            f"not define: re-run the sweep with this config")
+    base, _, _ = rebuild(load_model_file(out / rundir.BASE))
+    ds = load_dataset(cfg.data, cfg.seed)  # a criterion may read the data (slice, plugins)
+    masks = lock_masks(get_importance(imp)(base, ds), choice["lock_mode"], choice["lock_value"])
+    n = count_removed(masks)[0]
+    if n != choice["locked_channels"]:
+        raise GradauthError(f"the public lock {choice['lock_mode']} {choice['lock_value']:g} removes {n} channels of "
+                            f"base.pt but the thief trials recorded {choice['locked_channels']}: base.pt is not the "
+                            f"model the sweep ran on; re-run the sweep")
+    return {k: v.bool() for k, v in masks.items()}
 
 
 # ---- release ------------------------------------------------------------------------------------------------
@@ -328,7 +422,8 @@ def build_release(out: Path) -> tuple[dict, dict[str, bytes], dict[int, bytes]]:
     from .engine import evaluate
     from .rundir import git_sha, lock_bound, read_config
     cfg = read_config(out)
-    doc, chosen, masks, importance = public_lock(out)
+    pub = public_model(out)
+    doc, chosen, masks, importance, choice = pub["doc"], pub["chosen"], pub["masks"], pub["importance"], pub["choice"]
     experiment = str(doc.get("experiment") or cfg.name)
     ds = load_dataset(cfg.data, cfg.seed)
     bound = lock_bound(cfg, ds.num_classes)
@@ -345,7 +440,12 @@ def build_release(out: Path) -> tuple[dict, dict[str, bytes], dict[int, bytes]]:
                 "arch": spec.arch, "num_classes": spec.num_classes, "git_sha": git_sha(), "config_hash": cfg.hash(),
                 "locked": {"file": LOCKED, "importance": importance, "locked_channels": locked, "total_channels": total,
                            "init": "noise" if noise_seed is not None else "zeros", "test_acc": acc, "test_top3": top3,
-                           "lock_bound": bound},
+                           "lock_bound": bound, "lock_mode": choice["lock_mode"], "lock_value": choice["lock_value"],
+                           "chosen_by": choice["chosen_by"], "why": choice["why"]},
+                "thief": None if choice["chosen_by"] != THIEF else {
+                    "by_fraction": choice["by_fraction"], "worst_head_start": choice["worst_head_start"],
+                    "thief_prun_acc": choice["prun_acc"], "candidates": choice["candidates"],
+                    "skipped": choice["skipped"]},
                 "cipher": {"aead": "AES-256-GCM", "kdf": "HKDF-SHA256", "nonce_bytes": NONCE_BYTES,
                            "key_encoding": "gak_ + urlsafe base64, no padding"},
                 "levels": [], "files": {}, "release_id": new_release_id()}
@@ -580,6 +680,7 @@ def _print_release(final: Path, kfile: Path, manifest: dict, keys: dict[int, byt
     lk = manifest["locked"]
     print(f"[release] public model {final / LOCKED}: {lk['locked_channels']}/{lk['total_channels']} channels locked "
           f"({lk['init']}), accuracy {lk['test_acc']:.4f} ≤ bound {lk['lock_bound']:.4f}", file=sys.stderr)
+    print(f"[release] public lock: {lk.get('why', '')}", file=sys.stderr)
     for lv in manifest["levels"]:
         print(f"level {lv['level']}  expected accuracy {lv['expected_acc']:.4f}  key {encode_key(keys[lv['level']])}")
     print(f"[release] {manifest['release_id']}: these keys are shown once; the owner's copy is {kfile} (mode 0600). "
@@ -752,6 +853,6 @@ def unlock_to_file(release_dir: str | os.PathLike, level: int, key: str, out: st
     return out
 
 
-__all__ = ["release_dir", "build_release", "unlock", "unlock_to_file", "unlock_bytes", "public_lock",
+__all__ = ["public_model", "choose_public", "release_dir", "build_release", "unlock", "unlock_to_file", "unlock_bytes", "public_lock",
            "locked_copy", "erase", "producers", "noise_fill", "union_masks", "read_levels", "encode_key", "decode_key", "check_unlock_out", "owner_keys_path",
            "existing_release"]

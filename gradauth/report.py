@@ -8,6 +8,10 @@ current levels.json (and of release/manifest.json when both record and release e
 one line saying it is stale and which command refreshes it. Figures are drawn on `matplotlib.figure.Figure` (the
 Agg canvas, no pyplot state, no display needed on a cluster head) and, like every output, written under a
 temporary name then renamed.
+
+Thief trials (rows `thief-…` of trials.parquet, see select.py) are kept out of the level plots and get their own
+section: per fraction of the labelled data the best thief from each public lock and from scratch, the head start,
+and `plots/thieves.png`; the levels table then says whether each level sells and by what margin over the best thief.
 """
 from __future__ import annotations
 
@@ -21,9 +25,9 @@ from matplotlib.ticker import FuncFormatter
 from . import rundir
 from .errors import GradauthError
 from .fsutil import atomic_path, write_text
-from .schema import STATUSES, file_sha256, read_levels
+from .schema import STATUSES, file_sha256, read_levels, thief_rows
 from .knobs import LockSpec, Schedule, columns, fill_defaults, from_row, knobs, schedule_dict
-from .select import GROUP, SELECT_COLUMNS, load_trials, lock_label, schedule_label
+from .select import GROUP, SELECT_COLUMNS, head_start, load_trials, lock_label, schedule_label, thief_table
 
 REPORT_COLUMNS = [*SELECT_COLUMNS, "dataset", "arch", "base_acc", "seed", "params", "flops", "seconds"]
 # The schedule columns and their axis titles, from Schedule's fields (knobs.py): a new knob gets its plot panel.
@@ -35,7 +39,8 @@ REASONS = {"unlockable": "status unlockable (locked accuracy above sweep.lock_bo
            "locked_acc": "locked accuracy above max_locked_acc",
            "worthless": "fine_acc not min_gap above max_locked_acc", "min_gap": "fine_acc within min_gap of a level",
            "noise": "gap to a level not above 2 × seed std", "no_chain": "too few levels fit below it",
-           "not_needed": "not needed", "other": "other"}
+           "not_needed": "not needed", "thief": "fine_acc within min_gap of the best thief (does not sell)",
+           "thief_trial": "a thief trial (attack measurement), not a level", "other": "other"}
 
 
 def write_report(out_dir: str | os.PathLike) -> Path:
@@ -50,9 +55,14 @@ def write_report(out_dir: str | os.PathLike) -> Path:
     chance = 1 / trials["num_classes"].iloc[0]
     default = rundir.chance_bound(trials["num_classes"].iloc[0])
     bound = (sel or {}).get("settings", {}).get("max_locked_acc") or default
-    made = _plots(out / rundir.PLOTS, trials, sel, chance, bound)
+    is_thief = thief_rows(trials)
+    thieves, trials_l = thief_table(trials[is_thief]), trials[~is_thief]
+    if trials_l.empty:
+        raise GradauthError(f"{out / 'trials.parquet'} holds only thief trials: run the sweep's level trials first")
+    made = _plots(out / rundir.PLOTS, trials_l, sel, chance, bound)
+    made += _thief_plot(out / rundir.PLOTS, thieves, sel, chance)
     md = [*_header(out, trials, sel, chance), *_levels_section(sel, levels_note), *_rejected_section(sel),
-          *_plots_section(made), *_importance_section(trials, bound, made),
+          *_thief_section(thieves, sel, made), *_plots_section(made), *_importance_section(trials_l, bound, made),
           *_attack_section(attack, attack_note, out / rundir.PLOTS, sel), *_slices_section(slices),
           *_trials_section(trials)]
     return write_text(out / rundir.REPORT, "\n".join(md) + "\n")
@@ -256,8 +266,18 @@ def _levels_section(sel: dict | None, note: str | None = None) -> list[str]:
              _acc(lv.get("fine_top3")), lv.get("seeds", len(lv["trial_ids"]))] for lv in sel["levels"]]
     s = sel.get("settings", {})
     knobs = ", ".join(f"{k} {v}" for k, v in s.items() if v is not None)
-    return [f"## Levels (method {sel['method']}: {how})", "",
-            *_table(["Level", "Lock", "Schedule", "Prun_acc", "Fine_acc (top-1)", "Top-3", "Seeds"], rows),
+    head = ["Level", "Lock", "Schedule", "Prun_acc", "Fine_acc (top-1)", "Top-3", "Seeds"]
+    thief = sel.get("thief") or {}
+    note = []
+    if thief.get("best_acc") is not None:
+        gap = s.get("min_gap") or 0.0
+        head.append("Sellable (over best thief)")
+        for r, lv in zip(rows, sel["levels"]):
+            m = lv.get("thief_margin", lv["fine_acc"] - thief["best_acc"])
+            r.append(f"{'yes' if m >= gap - 1e-9 else 'no'} ({m:+.3f})")
+        note = [f"Best thief without a key: {thief['best_acc']:.3f} ({(thief.get('best') or {}).get('label', '')}); "
+                f"a level sells when it beats it by min_gap {gap:g}.", ""]
+    return [f"## Levels (method {sel['method']}: {how})", "", *_table(head, rows), *note,
             *([f"Selected with {knobs}.", ""] if knobs else [])]
 
 
@@ -274,10 +294,69 @@ def _rejected_section(sel: dict | None, first: int = 10) -> list[str]:
             *([f"- … and {len(rej) - first} more (levels.json lists them all)"] if len(rej) > first else []), ""]
 
 
+def _thief_plot(plots: Path, t: pd.DataFrame, sel: dict | None, chance: float) -> list[str]:
+    """plots/thieves.png: the thief's accuracy against their share of the labelled data, from scratch and from each
+    public lock measured (best schedule per fraction), with the levels as dashed lines. Removed when no thief ran."""
+    if t.empty:
+        (plots / "thieves.png").unlink(missing_ok=True)
+        return []
+    fig = Figure(figsize=(7, 5), layout="constrained")
+    ax = fig.subplots()
+    for (kind, imp, mode, value), g in t.groupby(["kind", "importance", "lock_mode", "lock_value"], sort=True):
+        best = g.loc[g.groupby("ft_data_fraction")["fine_acc"].idxmax()].sort_values("ft_data_fraction")
+        label = "from scratch" if kind == "scratch" else \
+            f"public model, {imp} {lock_label(mode, value)} ({int(best['locked_channels'].max())} ch)"
+        ax.errorbar(100 * best["ft_data_fraction"], best["fine_acc"], best["fine_acc_std"], marker="o", capsize=3,
+                    ls=":" if kind == "scratch" else "-", color="black" if kind == "scratch" else None, label=label)
+    for lv in (sel or {}).get("levels", []):
+        ax.axhline(lv["fine_acc"], ls="--", color="gray", lw=1)
+        ax.annotate(f"level {lv['level']}", (0.01, lv["fine_acc"]), xycoords=("axes fraction", "data"), fontsize=7,
+                    va="bottom", color="gray")
+    ax.axhline(chance, ls="--", color="lightgray", lw=1)
+    fractions = sorted(t["ft_data_fraction"].unique())
+    ax.set(xscale="log", xlabel="thief's labelled data (% of the training set)", ylabel="thief's top-1 (test)",
+           ylim=(0, 1.02), title="Thieves without a key: the public model against training from scratch")
+    ax.set_xticks([100 * f for f in fractions], [f"{100 * f:g}" for f in fractions])
+    ax.minorticks_off()
+    ax.legend(fontsize=7)
+    _save(fig, plots / "thieves.png")
+    return ["thieves"]
+
+
+def _thief_section(t: pd.DataFrame, sel: dict | None, made: list[str]) -> list[str]:
+    """The thief trials: per fraction the best from scratch, from each public lock, and that lock's head start."""
+    if t.empty:
+        return []
+    locks = t[t["kind"] == "public"][["importance", "lock_mode", "lock_value"]].drop_duplicates()
+    locks = list(locks.itertuples(index=False, name=None))
+    head = ["thief's data", "from scratch", *(f"public {i} {lock_label(m, v)}" for i, m, v in locks)]
+    figs = {lk: {r["fraction"]: r for r in head_start(t, lk)} for lk in locks}
+    rows = []
+    for f, at in t.groupby("ft_data_fraction", sort=True):
+        scr = at.loc[at["kind"] == "scratch", "fine_acc"]
+        cells = [f"{100 * f:g}%", _acc(scr.max()) if len(scr) else "–"]
+        for lk in locks:
+            r = figs[lk].get(float(f))
+            cells.append("–" if r is None or r["public"] is None else
+                         f"{r['public']:.3f}" + ("" if r["head_start"] is None else f" ({r['head_start']:+.3f})"))
+        rows.append(cells)
+    scheds = sorted({(int(e), float(lr)) for e, lr in zip(t["ft_epochs"], t["ft_lr"])})
+    lines = ["## Thieves: what a buyer gets without a key", "",
+             "Thief trials of the sweep fine-tune the public model (every weight free, locked filters erased as "
+             "released) or train from scratch on a share of the labelled training data "
+             f"(schedule{'s' if len(scheds) > 1 else ''} {', '.join(f'{e} ep, lr {lr:g}' for e, lr in scheds)}). "
+             "Cells: top-1 (mean over seeds, best schedule); in brackets the head start over scratch.", "",
+             *_table(head, rows)]
+    if "thieves" in made:
+        lines += ["![Thieves](plots/thieves.png)", ""]
+    return lines
+
+
 def _plots_section(made: list[str]) -> list[str]:
     captions = {"acc_vs_lock": "Accuracy against the lock (★ chosen levels)",
                 "finetune_knobs": "Fine-tune knobs", "importance": "Importance sources"}
-    return ["## Plots", "", *(f"![{captions[n]}](plots/{n}.png)" for n in made if n != "importance"), ""]
+    return ["## Plots", "", *(f"![{captions[n]}](plots/{n}.png)" for n in made if n not in ("importance", "thieves")),
+            ""]
 
 
 def _importance_section(trials: pd.DataFrame, bound: float, made: list[str]) -> list[str]:

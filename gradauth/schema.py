@@ -59,6 +59,25 @@ GRID_REQUIRED = tuple(m["column"] for cls in (LockSpec, Schedule) for _, m in kn
 # What a finished (ok) trial must carry, finite.
 OK_REQUIRED = ("prun_acc", "fine_acc")
 REWRITE_TRIALS = "re-run `gradauth sweep CONFIG` (or `--resume`) to rewrite it"
+# Thief trials (search.py's `thief` phase): trial_id `thief-…`, importance `scratch` (lock_mode `none`) for a model
+# trained from scratch, else the public model's lock; their schedule is in the ft_* columns. Optional `phase` column:
+# grid | level | thief (absent in sweeps written before the targeted search).
+THIEF_PREFIX = "thief-"
+SCRATCH = "scratch"
+PHASES = ("grid", "level", "thief")
+
+
+def thief_rows(df: pd.DataFrame) -> pd.Series:
+    """Boolean mask of the thief trials of a trials table (by `phase` when the column says so, else by trial id or
+    the `scratch` importance). A thief trial is an attack measurement, never a level candidate."""
+    mask = pd.Series(False, index=df.index)
+    if "trial_id" in df:
+        mask |= df["trial_id"].astype(str).str.startswith(THIEF_PREFIX)
+    if "importance" in df:
+        mask |= df["importance"].astype(str) == SCRATCH
+    if "phase" in df:
+        mask |= df["phase"].astype(str) == "thief"
+    return mask
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -165,6 +184,7 @@ def _check_rows(df: pd.DataFrame, bad) -> None:
                 nan = ok & pd.to_numeric(df[c], errors="coerce").isna()
                 if nan.any():
                     raise bad(f"{c} is NaN/missing in finished (status ok) trial(s) {_where(df, nan)}")
+    _check_thief_rows(df, bad)
     grid = [c for c in GRID if c in df]
     for c in grid:
         nan = df[c].isna()
@@ -176,9 +196,35 @@ def _check_rows(df: pd.DataFrame, bad) -> None:
         if few.any():
             raise bad(f"num_classes below 2 in trial(s) {_where(df, few)}")
     if set(GRID_REQUIRED) <= set(grid):
-        twice = df.duplicated(grid, keep=False)
+        # A thief trial may share a level trial's grid point (same lock and schedule, another meaning): duplicates
+        # are counted within each kind.
+        twice = df.assign(_thief=thief_rows(df)).duplicated([*grid, "_thief"], keep=False)
         if twice.any():
             raise bad(f"trials {_where(df, twice)} are the same grid point and seed (a seed would count twice)")
+
+
+def _check_thief_rows(df: pd.DataFrame, bad) -> None:
+    """Thief rows must say the same thing in every column that marks them, and a scratch model has no lock."""
+    if "phase" in df:
+        phase = df["phase"]
+        unknown = sorted({str(p) for p in phase if p is not None and not (isinstance(p, float) and math.isnan(p))
+                          and p not in PHASES})
+        if unknown:
+            raise bad(f"unknown phase {', '.join(unknown)[:100]} (expected one of {', '.join(PHASES)})")
+        said = phase.notna()
+        by_id = df["trial_id"].astype(str).str.startswith(THIEF_PREFIX) if "trial_id" in df else False
+        mixed = said & ((phase == "thief") != by_id)
+        if mixed.any():
+            raise bad(f"trial(s) {_where(df, mixed)} have phase and trial_id that disagree on being a thief trial")
+    if "importance" in df and "trial_id" in df:
+        scratch = df["importance"].astype(str) == SCRATCH
+        odd = scratch & ~df["trial_id"].astype(str).str.startswith(THIEF_PREFIX)
+        if odd.any():
+            raise bad(f"trial(s) {_where(df, odd)} have importance scratch but are not thief trials (trial_id thief-…)")
+        if "lock_mode" in df:
+            locked = scratch & (df["lock_mode"].astype(str) != "none")
+            if locked.any():
+                raise bad(f"from-scratch thief trial(s) {_where(df, locked)} carry a lock (lock_mode must be none)")
 
 
 # ---- levels.json -----------------------------------------------------------------------------------------------
@@ -222,6 +268,7 @@ LEVEL_OPTIONAL = {
     "locked_channels": (lambda v: _int(v) and v >= 0, "a whole number ≥ 0"),
     "fine_top3": (_acc, "an accuracy in [0, 1]"), "fine_top3_std": (lambda v: _num(v) and v >= 0, "a std ≥ 0"),
     "seeds": (lambda v: _int(v) and v >= 1, "a whole number ≥ 1"),
+    "thief_margin": (_num, "a number (fine_acc minus the best thief's)"),
 }
 
 
@@ -272,6 +319,10 @@ def read_levels(path: str | os.PathLike, trials: pd.DataFrame | None = None, req
             {"levels": _int, "min_gap": _num, "max_locked_acc": _acc,
              "targets": lambda v: isinstance(v, list) and all(_acc(t) for t in v)}.items()):
         raise bad("`settings` is not an object of levels, min_gap, max_locked_acc, targets")
+    thief = doc.get("thief")
+    if thief is not None and not (isinstance(thief, dict) and _acc(thief.get("best_acc"))
+                                  and isinstance(thief.get("by_fraction", []), list)):
+        raise bad("`thief` is not an object with best_acc (an accuracy) and by_fraction (a list)")
     if "trials_sha256" in doc and not isinstance(doc["trials_sha256"], str):
         raise bad("trials_sha256 must be a string")
     if trials is not None:
@@ -296,5 +347,6 @@ def check_levels_current(doc: dict, levels_path: Path, trials_path: Path) -> Non
                             f"trials_sha256 differs): re-run `gradauth select {levels_path.parent}` first")
 
 
-__all__ = ["TRIAL_COLUMNS", "OPTIONAL_COLUMNS", "WRITTEN_COLUMNS", "PHASES", "STATUSES", "read_trials", "read_levels", "file_sha256", "levels_current",
+__all__ = ["TRIAL_COLUMNS", "OPTIONAL_COLUMNS", "WRITTEN_COLUMNS", "PHASES", "STATUSES", "thief_rows", "THIEF_PREFIX",
+           "SCRATCH", "read_trials", "read_levels", "file_sha256", "levels_current",
            "check_levels_current"]

@@ -7,6 +7,14 @@ links consecutive levels, so the candidates form a DAG ordered by accuracy, and 
 over it: without targets the lexicographic maximum (level 1 as high as possible, then level 2, …), with targets the
 chain nearest them. A plain greedy pick of the best next level can walk into a dead end; these cannot.
 
+Sellable levels: thief trials (rows of trials.parquet with trial_id `thief-…`: a thief fine-tuning the public
+model, or training from scratch, importance `scratch`, on the owner's thief budget; search.py makes them) are never
+candidates. The best of them (highest mean fine_acc over seeds among the thief (lock, schedule) groups, public or
+scratch) is what any buyer could get without a key, so a level must beat it by `min_gap` too; each level's
+`thief_margin` (its fine_acc minus the best thief's) and the thief figures (per data fraction: best public,
+best scratch, head start) go to levels.json's `thief`. Without thief rows the selection is exactly as before and
+levels.json carries neither key.
+
 Stds are sample stds over seeds (ddof=1): with two or three seeds ddof=0 understates the spread and would let noise
 pass the 2 × std rule. One seed gives std 0.
 """
@@ -24,7 +32,7 @@ from .errors import GradauthError
 from .fsutil import write_json
 from .knobs import LockSpec, Schedule, column_kinds, columns, fill_defaults, from_row, lock_label, schedule_dict
 from .knobs import schedule_label  # noqa: F401  (re-exported: report and others import the labels from here)
-from .schema import GRID_REQUIRED, TRIAL_COLUMNS, file_sha256, read_trials
+from .schema import GRID_REQUIRED, SCRATCH, TRIAL_COLUMNS, file_sha256, read_trials, thief_rows
 
 # TRIAL_COLUMNS (the trials.parquet contract) lives in schema.py; re-exported here for compatibility.
 # A candidate is one lock and one schedule: its seeds differ only in the knobs outside GROUP (the seed). Both come
@@ -45,11 +53,13 @@ class Selection:
     rejected: list[dict]
     method: int  # 2: every level shares one locked model (same importance and lock), 1: each level has its own lock
     settings: dict = field(default_factory=dict)
+    thief: dict | None = None  # thief_summary() when trials.parquet has thief rows
 
     def to_json(self, experiment: str) -> dict:
         """The levels.json object of DESIGN.md (plus `settings`, so a report can show what was asked)."""
-        return {"experiment": experiment, "method": self.method, "levels": self.levels,
-                "rejected": self.rejected, "settings": self.settings}
+        doc = {"experiment": experiment, "method": self.method, "levels": self.levels,
+               "rejected": self.rejected, "settings": self.settings}
+        return doc if self.thief is None else doc | {"thief": self.thief}
 
 
 def missing_columns(df: pd.DataFrame, needed: list[str], source: str) -> None:
@@ -74,25 +84,118 @@ def select_levels(trials: pd.DataFrame, levels: int = 3, min_gap: float = 0.05, 
     max_locked_acc = _check_settings(df, levels, min_gap, max_locked_acc, targets)
     settings = {"levels": int(levels), "min_gap": float(min_gap), "max_locked_acc": max_locked_acc,
                 "targets": None if targets is None else [float(t) for t in targets]}  # JSON-ready
+    thief = thief_rows(df)
+    summary = thief_summary(df[thief]) if thief.any() else None
+    thief_reasons = _reject(sorted(df.loc[thief, "trial_id"]), "thief_trial",
+                            "a thief trial (an attack measurement), never a level") if thief.any() else []
+    df = df[~thief]
+    if df.empty:
+        raise GradauthError("the trials table has only thief trials: run the sweep's level trials first")
     usable = (df["status"] == "ok") & df["fine_acc"].notna()
     groups = _groups(df[usable])
     lockable = groups["prun_acc"] <= max_locked_acc + _EPS
     # A tier is worth selling only if it beats what the public model could be: the lock bound, by min_gap.
     worth = groups["fine_acc"] >= max_locked_acc + min_gap - _EPS
-    cands = groups[lockable & worth].reset_index(drop=True)
+    # ... and what the best thief gets without a key, by min_gap.
+    best_thief = None if summary is None or summary["best_acc"] is None else summary["best_acc"]
+    sellable = (groups["fine_acc"] >= best_thief + min_gap - _EPS) if best_thief is not None else pd.Series(True, index=groups.index)
+    cands = groups[lockable & worth & sellable].reset_index(drop=True)
     C = _separated_matrix(cands, min_gap)
     L = _longest_chains(C)
     if L.max(initial=0) < levels:
-        raise GradauthError(_infeasible(df, groups, cands, L, settings))
+        msg = _infeasible(df, groups, cands, L, settings)
+        if best_thief is not None and (lockable & worth & ~sellable).any():
+            msg = (f"{msg.split(':')[0]} once levels within min_gap {min_gap:g} of the best thief "
+                   f"({best_thief:.3f}, {summary['best']['label']}) are refused: a buyer would not pay for what a "
+                   f"thief gets without a key; sweep longer schedules or smaller locks for higher levels, or ask "
+                   f"for fewer levels (--levels)")
+        raise GradauthError(msg)
     chain = _lexmax(C, L, levels) if targets is None else _nearest(C, cands["fine_acc"].to_numpy(), targets)
     chosen = cands.loc[chain]
     reasons = _row_reasons(df[~usable]) + _locked_reasons(groups[~lockable], max_locked_acc)
     reasons += _worthless_reasons(groups[lockable & ~worth], max_locked_acc, min_gap)
+    if best_thief is not None:
+        reasons += _thief_reasons(groups[lockable & worth & ~sellable], summary, min_gap)
     reasons += _candidate_reasons(cands, chain, C, L, settings)
-    rejected = sorted(reasons, key=lambda r: r["trial_id"])
+    rejected = sorted(reasons + thief_reasons, key=lambda r: r["trial_id"])
     locks = chosen[["importance", "lock_mode", "lock_value"]].drop_duplicates()
-    return Selection([_level_dict(k + 1, row) for k, (_, row) in enumerate(chosen.iterrows())], rejected,
-                     2 if len(locks) == 1 else 1, settings)
+    out = [_level_dict(k + 1, row) for k, (_, row) in enumerate(chosen.iterrows())]
+    if best_thief is not None:
+        for lv in out:
+            lv["thief_margin"] = round(lv["fine_acc"] - best_thief, 6)
+    return Selection(out, rejected, 2 if len(locks) == 1 else 1, settings, summary)
+
+
+# ---- thief trials ------------------------------------------------------------------------------------------------
+
+THIEF_GROUP = ["importance", "lock_mode", "lock_value", "ft_epochs", "ft_lr", "ft_data_fraction", "ft_scope"]
+
+
+def thief_table(thieves: pd.DataFrame) -> pd.DataFrame:
+    """One row per thief (start, schedule), ok rows only, mean over seeds: kind (public | scratch), importance,
+    lock_mode, lock_value, ft_* (fraction = ft_data_fraction), fine_acc, fine_acc_std, prun_acc, locked_channels,
+    seeds, trial_ids. Sorted by fraction, kind, lock."""
+    cols = ["kind", *THIEF_GROUP, "fine_acc", "fine_acc_std", "prun_acc", "locked_channels", "seeds", "trial_ids"]
+    t = thieves[(thieves["status"] == "ok") & thieves["fine_acc"].notna()].copy()
+    if t.empty:
+        return pd.DataFrame(columns=cols)
+    for c in ("lock_value", "ft_epochs", "ft_lr", "ft_data_fraction", "fine_acc", "prun_acc", "locked_channels"):
+        t[c] = pd.to_numeric(t[c])
+    g = t.groupby(THIEF_GROUP, dropna=False).agg(
+        fine_acc=("fine_acc", "mean"), fine_acc_std=("fine_acc", "std"), prun_acc=("prun_acc", "mean"),
+        locked_channels=("locked_channels", "max"), seeds=("trial_id", "size"),
+        trial_ids=("trial_id", sorted)).reset_index()
+    g["fine_acc_std"] = g["fine_acc_std"].fillna(0.0)
+    g.insert(0, "kind", np.where(g["importance"] == SCRATCH, "scratch", "public"))
+    return g.sort_values(["ft_data_fraction", "kind", "importance", "lock_mode", "lock_value", "ft_epochs", "ft_lr"],
+                         kind="stable").reset_index(drop=True)[cols]
+
+
+def thief_label(r) -> str:
+    start = "from scratch" if r["kind"] == "scratch" else \
+        f"public {r['importance']} {lock_label(r['lock_mode'], float(r['lock_value']))}"
+    return f"{start}, {100 * float(r['ft_data_fraction']):g}% data, {int(r['ft_epochs'])} ep"
+
+
+def head_start(table: pd.DataFrame, lock: tuple | None = None) -> list[dict]:
+    """Per thief data fraction: the best public thief (at `lock` = (importance, mode, value), or any lock), the best
+    scratch thief, and the head start public − scratch (None where either is missing). Best = highest mean over
+    seeds among the schedules tried at that fraction."""
+    out = []
+    for f, at in table.groupby("ft_data_fraction", sort=True):
+        pub = at[at["kind"] == "public"]
+        if lock is not None:
+            pub = pub[(pub["importance"] == lock[0]) & (pub["lock_mode"] == lock[1])
+                      & ((pub["lock_value"] - lock[2]).abs() < 1e-12)]
+        scr = at[at["kind"] == "scratch"]
+        p = None if pub.empty else float(pub["fine_acc"].max())
+        s = None if scr.empty else float(scr["fine_acc"].max())
+        r6 = lambda x: None if x is None else round(x, 6)
+        out.append({"fraction": float(f), "public": r6(p), "scratch": r6(s),
+                    "head_start": None if p is None or s is None else round(p - s, 6)})
+    return out
+
+
+def thief_summary(thieves: pd.DataFrame) -> dict:
+    """What levels.json records of the thief trials: the best thief (accuracy, who, trial ids), per fraction the
+    best public / scratch / head start, and every thief group."""
+    t = thief_table(thieves)
+    r6 = lambda x: round(float(x), 6)
+    groups = [{"kind": r["kind"], "importance": r["importance"], "lock_mode": r["lock_mode"],
+               "lock_value": float(r["lock_value"]), "locked_channels": int(r["locked_channels"]),
+               "schedule": {"epochs": int(r["ft_epochs"]), "lr": float(r["ft_lr"]),
+                            "data_fraction": float(r["ft_data_fraction"]), "scope": r["ft_scope"]},
+               "prun_acc": None if pd.isna(r["prun_acc"]) else r6(r["prun_acc"]), "fine_acc": r6(r["fine_acc"]),
+               "fine_acc_std": r6(r["fine_acc_std"]), "seeds": int(r["seeds"]), "trial_ids": list(r["trial_ids"])}
+              for _, r in t.iterrows()]
+    best = None
+    if not t.empty:
+        r = t.loc[t["fine_acc"].idxmax()]
+        best = {"label": thief_label(r), "kind": r["kind"], "fraction": float(r["ft_data_fraction"]),
+                "trial_ids": list(r["trial_ids"])}
+    return {"best_acc": None if best is None else r6(t["fine_acc"].max()), "best": best,
+            "by_fraction": head_start(t) if not t.empty else [], "groups": groups,
+            "failed": sorted(thieves.loc[thieves["status"] != "ok", "trial_id"].astype(str))}
 
 
 def _check_settings(df, levels, min_gap, max_locked_acc, targets) -> float:
@@ -221,6 +324,15 @@ def _worthless_reasons(groups: pd.DataFrame, max_locked_acc: float, min_gap: flo
     return out
 
 
+def _thief_reasons(groups: pd.DataFrame, summary: dict, min_gap: float) -> list[dict]:
+    out = []
+    for _, g in groups.iterrows():
+        out += _reject(g["trial_ids"], "thief", f"fine_acc {g['fine_acc']:.3f} not min_gap {min_gap:g} above the "
+                                                f"best thief {summary['best_acc']:.3f} ({summary['best']['label']}): "
+                                                f"a thief gets this close without a key, so it does not sell")
+    return out
+
+
 def _conflict(c: pd.Series, lv: pd.Series, k: int, min_gap: float) -> tuple[str, str] | None:
     """Why candidate `c` cannot sit next to level `k` (1-based), or None if it could."""
     hi, lo = (lv, c) if lv["fine_acc"] >= c["fine_acc"] else (c, lv)
@@ -309,10 +421,17 @@ def format_table(selection: Selection) -> str:
              schedule_label(lv["schedule"]), f"{lv['prun_acc']:.3f}",
              f"{lv['fine_acc']:.3f} ± {lv['fine_acc_std']:.3f}", f"{lv['fine_top3']:.3f}", str(lv["seeds"])]
             for lv in selection.levels]
+    if selection.thief is not None and selection.thief["best_acc"] is not None:
+        head.append("over best thief")
+        for r, lv in zip(rows, selection.levels):
+            r.append(f"{lv['thief_margin']:+.3f}")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     line = lambda r: "  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip()
     title = f"levels (method {selection.method}; {len(selection.rejected)} trials rejected)"
-    return "\n".join([title, line(head), line(["-" * w for w in widths]), *map(line, rows)])
+    lines = [title, line(head), line(["-" * w for w in widths]), *map(line, rows)]
+    if selection.thief is not None and selection.thief["best_acc"] is not None:
+        lines.append(f"best thief without a key: {selection.thief['best_acc']:.3f} ({selection.thief['best']['label']})")
+    return "\n".join(lines)
 
 
 def select_dir(out_dir: str | os.PathLike, levels: int | None = None, min_gap: float | None = None,
@@ -337,4 +456,4 @@ def select_dir(out_dir: str | os.PathLike, levels: int | None = None, min_gap: f
 
 
 __all__ = ["TRIAL_COLUMNS", "Selection", "load_trials", "select_levels", "format_table", "select_dir",
-           "lock_label", "schedule_label"]
+           "lock_label", "schedule_label", "thief_table", "thief_summary", "thief_label", "head_start"]

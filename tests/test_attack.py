@@ -17,7 +17,8 @@ from gradauth.models import bn_layers
 from gradauth.pipeline import read_config
 from gradauth.prune import count_removed, masks_from_model
 from gradauth.release import locked_copy, producers, public_lock
-from test_release import build_tiny_sweep
+
+from conftest import copy_of
 
 COLUMNS = ["target", "lock_importance", "lock_mode", "lock_value", "locked_channels", "init", "filters", "thief_init",
            "prun_acc",
@@ -27,9 +28,10 @@ COLUMNS = ["target", "lock_importance", "lock_mode", "lock_value", "locked_chann
 
 
 @pytest.fixture(scope="module")
-def attacked(tmp_path_factory):
-    # 3-epoch levels: the thief's strong schedule scales with the best one, and it is most of this file's time
-    out = build_tiny_sweep(tmp_path_factory.mktemp("sweep"), [(0.2, 3), (0.3, 3), (0.4, 3)])
+def attacked(tiny_sweep, tmp_path_factory):
+    # The session's tiny sweep (conftest.py): 3-epoch levels at rates 0.2 / 0.3 / 0.4; the thief's strong schedule
+    # scales with the best one, and it is most of this file's time. Copied: the attack writes into the folder.
+    out = copy_of(tiny_sweep, tmp_path_factory.mktemp("sweep") / "sweep")
     return out, attack.run_attack(out)
 
 
@@ -40,17 +42,21 @@ def test_attack_table(attacked):
     levels = [lv["fine_acc"] for lv in json.loads((out / "levels.json").read_text())["levels"]]
     assert all(list(v) == levels for v in back["level_accs"])
     assert back["recovered_acc"].between(0, 1).all() and back["prun_acc"].between(0, 1).all()
-    kinds = back.fillna({"lock_mode": "-", "filters": "-"}).groupby(
-        ["target", "init", "filters", "thief_init", "lock_mode"]).size().to_dict()
+    kinds = back.fillna({"lock_importance": "-", "lock_mode": "-", "filters": "-"}).groupby(
+        ["target", "lock_importance", "init", "filters", "thief_init", "lock_mode"]).size().to_dict()
     # public: as released (3 fractions × 2 schedules + the owner's run), revived by the thief, noise release, the
-    # plain lock with its filters kept, naive and revived (6 each); the weakest comparable bn_gamma rate lock and its
-    # threshold twin: strong only (3 + the owner's), revived (3); scratch (6). Slice locks too with gradauth.slicing.
-    want = {("public", "zeros", "erased", "none", "rate"): 7, ("public", "zeros", "erased", "revive", "rate"): 6,
-            ("public", "noise", "random", "none", "rate"): 6, ("public", "zeros", "kept", "none", "rate"): 6,
-            ("public", "zeros", "kept", "revive", "rate"): 6, ("alt", "zeros", "erased", "none", "rate"): 4,
-            ("alt", "zeros", "erased", "revive", "rate"): 3, ("alt", "zeros", "erased", "none", "threshold"): 4,
-            ("alt", "zeros", "erased", "revive", "threshold"): 3, ("scratch", "random", "-", "none", "-"): 6}
-    assert kinds == want or "slice" in set(back["lock_importance"])
+    # plain lock with its filters kept, naive and revived (6 each); the weakest comparable rate lock and its
+    # threshold twin of each source (bn_gamma, and slice: gradauth.slicing is part of the package): strong only
+    # (3 + the owner's), revived (3); scratch (6).
+    alt = {("alt", src, "zeros", "erased", thief, mode): n for src in ("bn_gamma", "slice")
+           for mode in ("rate", "threshold") for thief, n in (("none", 4), ("revive", 3))}
+    want = {("public", "bn_gamma", "zeros", "erased", "none", "rate"): 7,
+            ("public", "bn_gamma", "zeros", "erased", "revive", "rate"): 6,
+            ("public", "bn_gamma", "noise", "random", "none", "rate"): 6,
+            ("public", "bn_gamma", "zeros", "kept", "none", "rate"): 6,
+            ("public", "bn_gamma", "zeros", "kept", "revive", "rate"): 6,
+            **alt, ("scratch", "-", "random", "-", "none", "-"): 6}
+    assert kinds == want
     thief = back[back["schedule"] != "owner"]
     assert set(thief["attacker_fraction"]) == {0.01, 0.05, 0.1} and set(thief["schedule"]) == {"best", "strong"}
     assert (back["attacker_images"] == (back["attacker_fraction"] * 1132).round()).all()  # digits: 1132 train images
@@ -156,12 +162,19 @@ def test_report_and_cli(attacked, capsys):
     out, df = attacked
     text = (out / "attack.md").read_text()
     assert "level 1" in text and "public bn_gamma rate 0.4 (zeros)" in text and "scratch (random init)" in text
-    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    main_table = text.split("## Head start")[0]  # the head-start table (issue 12) follows the main one
+    lines = [line for line in main_table.splitlines() if line.startswith("| ")]
     assert len(lines) == 1 + df.apply(attack.attack_label, axis=1).nunique()  # header + one line per starting model
     assert lines[0].split(" | ")[3:] == ["1% best", "1% strong", "5% best", "5% strong", "10% best", "10% strong",
                                          "owner, all data |"]
     public = next(line for line in lines if line.startswith("| public bn_gamma rate 0.4 (zeros) |"))
     zeros = df[(df["target"] == "public") & (df["init"] == "zeros") & (df["schedule"] == "owner")]
     assert public.split(" | ")[-1].startswith(f"{zeros['recovered_acc'].iloc[0]:.3f}")
+    head = [line for line in text.split("## Head start")[1].splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0] for line in head[1:]] == ["| 1%", "| 5%", "| 10%"]  # every fraction, both sides
+    for h in attack.head_starts(df):
+        assert h["scratch"] == df[(df["target"] == "scratch") & (df["attacker_fraction"] == h["fraction"])][
+            "recovered_acc"].max()
+        assert h["head_start"] == pytest.approx(h["public"] - h["scratch"])
     assert main(["attack", str(out / "nope")]) == 2
     assert "config.yaml" in capsys.readouterr().err

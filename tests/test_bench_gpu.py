@@ -38,6 +38,7 @@ def _env(tmp_path: Path) -> dict:
                          "BLOCKED_IMPORT_LOG": str(tmp_path / "blocked.log"), "OMP_WAIT_POLICY": "PASSIVE"}
 
 
+@pytest.mark.subprocess
 def test_the_blocker_blocks(tmp_path):
     """Else the test below could not fail on a stray import."""
     env = _env(tmp_path)
@@ -46,6 +47,7 @@ def test_the_blocker_blocks(tmp_path):
     assert "yaml" in (tmp_path / "blocked.log").read_text()
 
 
+@pytest.mark.subprocess
 def test_cpu_fallback_without_ray_cryptography_or_yaml(tmp_path):
     env = _env(tmp_path)
     out = tmp_path / "out"

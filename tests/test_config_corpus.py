@@ -403,6 +403,7 @@ def test_diverging_base_training_writes_no_nan_model(tmp_path, capsys):
 
 # ---- one real process ----------------------------------------------------------------------------------------
 
+@pytest.mark.subprocess
 def test_a_real_process_gets_one_line_and_exit_2(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("name: q\ntrain: {lr: .nan, schedule: linear}\nselect: {levels: 0}\n")

@@ -13,10 +13,15 @@ import torch
 import yaml
 
 from gradauth.config import load_config
-from gradauth.pipeline import train_stage, trial_context
+from gradauth.pipeline import trial_context
 from gradauth.rows import PARTS, read_parts
 from gradauth.status import sweep_status
 from gradauth.trial import degenerate_lock, grid, locked_model, run_trial
+
+from conftest import with_base
+
+# Real `gradauth sweep` processes, each starting its own Ray.
+pytestmark = [pytest.mark.ray, pytest.mark.subprocess]
 
 CFG = {
     "name": "ft", "data": {"name": "digits", "crop_pad": 1, "flip": False},
@@ -55,11 +60,11 @@ def _wait(pred, timeout=120):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(half_base, tmp_path_factory):
     d = tmp_path_factory.mktemp("ft")
     (d / "c.yaml").write_text(yaml.safe_dump(CFG))
     cfg = load_config(d / "c.yaml")
-    train_stage(cfg, d / "out")
+    with_base(half_base[1], d / "out", cfg)  # the session's half-width base: CFG trains the same one
     return d, cfg
 
 

@@ -89,6 +89,7 @@ def tmpfs(tmp_path):
 
 # -- one run per output folder -----------------------------------------------------------------------------------
 
+@pytest.mark.subprocess
 def test_second_run_on_the_same_folder_is_refused_and_a_killed_holder_frees_it(tmp_path, capsys):
     cfg = _config(tmp_path / "c.yaml", epochs=400)  # long enough to still be training when the second one starts
     out = tmp_path / "out"
@@ -142,6 +143,7 @@ def test_lock_is_reentrant_within_a_process_and_exclusive_across_open_files(tmp_
 
 # -- read-only or full targets ------------------------------------------------------------------------------------
 
+@pytest.mark.subprocess
 def test_read_only_target_is_refused_before_training(tmp_path, tmpfs):
     out = tmpfs("ro,size=1m")
     proc = _gradauth("run", _config(tmp_path / "c.yaml"), "--out", out / "results")
@@ -152,6 +154,7 @@ def test_read_only_target_is_refused_before_training(tmp_path, tmpfs):
     assert not any(out.iterdir())
 
 
+@pytest.mark.subprocess
 def test_full_disk_is_found_before_training(tmp_path, tmpfs):
     out = tmpfs("size=2m")
     proc = _gradauth("run", _config(tmp_path / "c.yaml"), "--out", out)
@@ -162,6 +165,7 @@ def test_full_disk_is_found_before_training(tmp_path, tmpfs):
     assert not any(out.iterdir())  # no probe, no config, no checkpoint, and the lock file is gone with its holder
 
 
+@pytest.mark.subprocess
 def test_disk_full_while_writing_is_one_line_and_no_partial_file(tmp_path, tmpfs, capsys):
     out = tmpfs("size=1m")
     for name in ("config.yaml", "trials.parquet"):
@@ -197,6 +201,7 @@ def reference(tmp_path_factory):
     return d
 
 
+@pytest.mark.subprocess
 def test_killed_base_training_resumes_bit_exactly(tmp_path, reference):
     cfg = _config(tmp_path / "c.yaml")
     out = tmp_path / "out"
@@ -226,7 +231,7 @@ def test_killed_base_training_resumes_bit_exactly(tmp_path, reference):
         assert torch.equal(got[k], want[k]), k
 
 
-def test_checkpoint_of_another_config_is_not_used(tmp_path, reference, capsys):
+def test_checkpoint_of_another_config_is_not_used(tmp_path, capsys):
     from gradauth.data import load_dataset
     from gradauth.engine import pick_device
     from gradauth.train import save_checkpoint, train_base
@@ -244,6 +249,7 @@ def test_checkpoint_of_another_config_is_not_used(tmp_path, reference, capsys):
     assert not all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), model.state_dict().values()))
 
 
+@pytest.mark.subprocess
 def test_full_sweep_storage_is_found_before_the_sweep(reference, tmpfs, capsys):
     storage = tmpfs("size=2m")
     raw = yaml.safe_load((reference / "c.yaml").read_text())
@@ -292,6 +298,8 @@ def _still_alive(procs) -> dict:
     return {k: v for k, v in procs.items() if k[0] in table and table[k[0]][1] == k[1]}
 
 
+@pytest.mark.ray
+@pytest.mark.subprocess
 def test_killed_sweep_driver_leaves_no_ray_process(reference):
     out = reference / "out"
     proc = _gradauth("sweep", reference / "c.yaml", "--out", out)

@@ -30,13 +30,15 @@ import pytest
 import yaml
 
 from gradauth.config import load_config
-from gradauth.pipeline import train_stage
 from gradauth.select import TRIAL_COLUMNS
 
-pytestmark = pytest.mark.ray
+from conftest import with_base
+
+pytestmark = [pytest.mark.ray, pytest.mark.subprocess]  # a Ray node and `ray job` CLIs as real processes
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` CLI of this interpreter
+PY = sys.executable  # the jobs' entrypoint interpreter: this one (the job runs on this machine)
 
 
 def _free_ports(n: int) -> list[int]:
@@ -133,12 +135,16 @@ def _pids_of(temp_dir: str) -> list[int]:
     return pids
 
 
-def test_quickstart_sweep_as_a_ray_job(tmp_path):
+def test_quickstart_sweep_as_a_ray_job(half_base, tmp_path):
     token, sha = secrets.token_hex(32), "jobtest" + secrets.token_hex(3)
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH", "PYTHONPATH")}
     # Token auth on the node and in every client below; the token is given in the environment, not ~/.ray.
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    # The node, its workers and the jobs' shells run this interpreter, not whatever `python` PATH finds first (pytest
+    # run as venv/bin/python -m pytest without the venv on PATH): its folder first on PATH, and the jobs' entrypoints
+    # name it (PY) instead of `python`.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), *filter(None, [env.get("PATH")])])
 
     (gcs, dash, agent, agent_grpc, metrics, rt_env, node_mgr, obj_mgr, client) = ports = _free_ports(9)
     workers = _free_range(40, set(ports))
@@ -175,7 +181,7 @@ def test_quickstart_sweep_as_a_ray_job(tmp_path):
         raw["finetune"] |= {"epochs": [2], "lr": [0.01], "seeds": [0]}
         cfg_path, out = tmp_path / "quickstart.yaml", tmp_path / "out"
         cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-        train_stage(load_config(cfg_path), out)
+        with_base(half_base[1], out, load_config(cfg_path))  # the session's half-width base: the same config
 
         stamp("trained")
         _wait(lambda: _listening(dash) and _listening(agent), 120, "the dashboard and its agent", head)
@@ -213,7 +219,7 @@ def test_quickstart_sweep_as_a_ray_job(tmp_path):
         submit = ["job", "submit", "--address", address, "--working-dir", str(ROOT), "--runtime-env-json", runtime_env]
         for attempt in range(10):  # the agent may take a moment to register with the dashboard after it listens
             r = ray_cli(*submit, "--submission-id", "gradauth-sweep", "--no-wait", "--",
-                        "python", "-m", "gradauth", "sweep", str(cfg_path), "--out", str(out), check=False)
+                        PY, "-m", "gradauth", "sweep", str(cfg_path), "--out", str(out), check=False)
             if r.returncode == 0 or "No available agent" not in r.stdout + r.stderr:
                 break
             time.sleep(2)
@@ -238,7 +244,7 @@ def test_quickstart_sweep_as_a_ray_job(tmp_path):
 
         stamp("checked")
         # `gradauth status` as a job on the head, where the output dir is (waits and prints the job's output).
-        r = ray_cli(*submit, "--", "python", "-m", "gradauth", "status", str(out), timeout=180)
+        r = ray_cli(*submit, "--", PY, "-m", "gradauth", "status", str(out), timeout=180)
         assert "2/2 trials done" in r.stdout, r.stdout[-3000:]
     finally:
         _stop_node(head, temp_dir)

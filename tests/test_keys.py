@@ -18,17 +18,18 @@ from gradauth import release as rel
 from gradauth.checkpoint import save_model
 from gradauth.cli import main
 from gradauth.config import parse_config
-from gradauth.pipeline import run_all, select_stage, train_stage, trial_context
+from gradauth.pipeline import run_all, select_stage, trial_context
 from gradauth.sweep import write_trials
 from gradauth.trial import grid, run_trial
 
-# A finished run in seconds: a 4-epoch base and one lock × two seeds, so the sweep's grid is complete (`run --resume`
-# starts no Ray). The base is barely sparse, so the 30 % lock leaves 0.64 and the bounds are set above it: these
-# tests are about files and keys, not about how good the lock is (tests/test_release.py is).
-RAW = {"name": "keys", "data": {"name": "digits", "crop_pad": 1, "flip": False},
-       "model": {"arch": "vgg_tiny", "width": 1.0}, "train": {"epochs": 4, "lr": 0.05, "sparsity": 0.03},
-       "lock": {"mode": "rate", "values": [0.3]}, "finetune": {"epochs": [2], "lr": [0.01], "seeds": [0, 1]},
-       "sweep": {"lock_bound": 0.75}, "select": {"levels": 1, "min_gap": 0.05, "max_locked_acc": 0.75}}
+from conftest import tiny_raw, with_base
+
+# A finished run in seconds: the session's tiny base (conftest.py) and one lock × two seeds, so the sweep's grid is
+# complete (`run --resume` starts no Ray). The 15 % lock leaves 0.64 and the bounds are set above it: these tests are
+# about files and keys, not about how good the lock is (tests/test_release.py is).
+RAW = tiny_raw(name="keys", lock={"mode": "rate", "values": [0.15]},
+               finetune={"epochs": [2], "lr": [0.01], "seeds": [0, 1]},
+               sweep={"lock_bound": 0.75}, select={"levels": 1, "min_gap": 0.05, "max_locked_acc": 0.75})
 PUBLISHED = ["level-1.pack", "locked.pt", "manifest.json"]
 LOCK_FILE = ".gradauth.lock"  # a run's lock file (if any) is not part of what these tests compare
 
@@ -63,11 +64,10 @@ def _keys_printed(stdout: str) -> dict[int, str]:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tiny_base, tmp_path_factory):
     """A finished run without a release: config.yaml, base.pt, trials.parquet, models/, levels.json."""
-    out = tmp_path_factory.mktemp("finished")
     cfg = parse_config(RAW)
-    train_stage(cfg, out)
+    out = with_base(tiny_base[1], tmp_path_factory.mktemp("finished"), cfg)
     ctx = trial_context(cfg, out)
     rows = []
     for t in grid(cfg):

@@ -15,16 +15,9 @@ from gradauth.trial import TrialSpec, grid, run_trial
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from gradauth.config import parse_config
-    cfg = parse_config({
-        "name": "tiny", "data": {"name": "digits", "crop_pad": 1, "flip": False},
-        "model": {"arch": "vgg_tiny", "width": 1.0}, "train": {"epochs": 15, "lr": 0.05, "sparsity": 0.03},
-        "lock": {"mode": "rate", "values": [0.02, 0.35]}, "finetune": {"epochs": [3], "lr": [0.01], "seeds": [0]},
-        "sweep": {"lock_bound": 0.2}})
-    out = tmp_path_factory.mktemp("tiny")
-    info = train_stage(cfg, out)
-    return cfg, out, info
+def trained(tiny_base):
+    """The session's tiny base (conftest.py: TINY, 15 epochs, 320 BN channels; grid: rates 0.02 and 0.35, 3 epochs)."""
+    return tiny_base
 
 
 def test_base_training_reaches_accuracy_and_sparsity(trained):
@@ -44,7 +37,7 @@ def test_trial_locks_to_chance_and_recovers(trained):
     row, model, _ = run_trial(ctx, weak, torch.device("cpu"))
     assert row["status"] == "unlockable" and row["prun_acc"] > 0.2 and row["fine_acc"] is None and model is None
     row, model, masks = run_trial(ctx, strong, torch.device("cpu"))
-    assert row["status"] == "ok" and row["locked_channels"] == round(0.35 * 160) and row["total_channels"] == 160
+    assert row["status"] == "ok" and row["locked_channels"] == round(0.35 * 320) and row["total_channels"] == 320
     assert row["prun_acc"] <= 0.2 and row["fine_acc"] > row["prun_acc"] + 0.3
     assert 0 < row["params"] < sum(p.numel() for p in model.parameters())
 

@@ -13,61 +13,26 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 import gradauth
 from gradauth import release as rel
-from gradauth.checkpoint import FORMAT, from_bytes, load_model_file, rebuild, save_model
+from gradauth.checkpoint import FORMAT, from_bytes, load_model_file, rebuild
 from gradauth.cli import main
-from gradauth.config import dump_config, parse_config
+from gradauth.config import dump_config
 from gradauth.data import load_dataset
 from gradauth.engine import predict
 from gradauth.errors import GradauthError
 from gradauth.models import bn_layers
-from gradauth.pipeline import evaluate_file, read_config, train_stage, trial_context
+from gradauth.pipeline import evaluate_file, read_config
 from gradauth.prune import masks_from_model
-from gradauth.sweep import write_trials
-from gradauth.trial import TrialSpec, run_trial
+
+from conftest import copy_of
 
 ROOT = Path(__file__).resolve().parents[1]
-# (lock rate, fine-tune epochs) of the three levels: 15 base epochs sparsify enough that all three lock to chance.
-LEVELS = [(0.2, 3), (0.3, 3), (0.4, 6)]
-
-
-def build_tiny_sweep(out: Path, plan=LEVELS) -> Path:
-    """A sweep output dir without Ray: base model, 3 levels × 2 seeds of trials with their models, levels.json."""
-    raw = yaml.safe_load((ROOT / "sweeps" / "quickstart.yaml").read_text())
-    raw["train"]["epochs"] = 15
-    raw["lock"]["values"] = [v for v, _ in plan]
-    raw["finetune"] = {"epochs": sorted({e for _, e in plan}), "lr": [0.01], "seeds": [0, 1]}
-    cfg = parse_config(raw)
-    train_stage(cfg, out)
-    ctx = trial_context(cfg, out)
-    rows, levels = [], []
-    for k, (rate, epochs) in enumerate(plan, 1):
-        mine = []
-        for seed in (0, 1):
-            t = TrialSpec("bn_gamma", "rate", rate, epochs, 0.01, 1.0, "all", seed)
-            row, model, masks = run_trial(ctx, t, torch.device("cpu"))
-            assert row["status"] == "ok", row
-            save_model(out / "models" / f"{t.trial_id}.pt", model.cpu(), ctx.spec, masks)
-            mine.append(row)
-        rows += mine
-        accs = [r["fine_acc"] for r in mine]
-        levels.append({"level": k, "lock_mode": "rate", "lock_value": rate, "importance": "bn_gamma",
-                       "schedule": {"epochs": epochs, "lr": 0.01, "data_fraction": 1.0, "scope": "all"},
-                       "fine_acc": round(sum(accs) / 2, 6), "fine_acc_std": round(abs(accs[0] - accs[1]) / 2 ** 0.5, 6),
-                       "prun_acc": mine[0]["prun_acc"], "trial_ids": [r["trial_id"] for r in mine],
-                       "locked_channels": mine[0]["locked_channels"]})
-    write_trials(rows, out / "trials.parquet")
-    (out / "levels.json").write_text(json.dumps({"experiment": "quickstart", "method": 1, "levels": levels,
-                                                 "rejected": []}))
-    return out
-
-
 @pytest.fixture(scope="module")
-def sweep_dir(tmp_path_factory):
-    return build_tiny_sweep(tmp_path_factory.mktemp("sweep"))
+def sweep_dir(tiny_sweep, tmp_path_factory):
+    """The session's tiny sweep (conftest.py: 3 levels × 2 seeds on the shared base), copied: the release goes in it."""
+    return copy_of(tiny_sweep, tmp_path_factory.mktemp("sweep") / "sweep")
 
 
 @pytest.fixture(scope="module")
@@ -359,6 +324,7 @@ def test_noise_init_hides_the_lock_and_levels_still_unlock(sweep_dir, released, 
         rel.unlock_bytes(final, 3, released[1][3])
 
 
+@pytest.mark.subprocess
 def test_gradauth_import_does_not_load_torch():
     import subprocess
     import sys

@@ -166,6 +166,7 @@ def test_status_counts_from_rows_and_progress_and_never_unpickles(tmp_path, tiny
     assert not marker.exists()
 
 
+@pytest.mark.subprocess
 def test_status_at_thousands_of_trials_is_quick(tmp_path, tiny_cfg):
     _status_dir(tmp_path, tiny_cfg, 3000)  # 1,500 row parts
     code = "import sys; from gradauth.cli import main; main(['status', sys.argv[1]])"

@@ -430,6 +430,7 @@ def _newest_state(exp: Path) -> dict:
     return json.loads(files[-1].read_text())       # JSON despite Ray's .pkl suffix
 
 
+@pytest.mark.ray
 def test_ray_tune_drives_the_searcher_to_every_target(tmp_path):
     """Real Ray Tune, a trivial trainable (the oracle): the searcher proposes every trial, stays within its
     concurrency, finishes, and Tune saves its state as JSON in the experiment folder."""
@@ -460,6 +461,8 @@ def test_ray_tune_drives_the_searcher_to_every_target(tmp_path):
     assert Planner.from_state(_newest_state(tmp_path / "search")["planner"]).summary()["all_hit"]
 
 
+@pytest.mark.ray
+@pytest.mark.subprocess
 def test_a_killed_driver_is_finished_by_tuner_restore_with_the_searcher_state(tmp_path):
     """Real processes: a driver killed (os._exit) after 4 finished trials; a new one restores the Tune experiment,
     and with it the searcher's JSON state, and finishes the search without losing or repeating a trial."""

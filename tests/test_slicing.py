@@ -154,6 +154,8 @@ def _outputs(p: torch.Tensor, g: torch.Generator, integer: bool) -> torch.Tensor
 
 @pytest.fixture
 def compiled(monkeypatch):
+    """The compiled θ kernel (built by torch's cpp_extension: ninja and a compiler run, so its tests are marked
+    subprocess)."""
     monkeypatch.setenv("GRADAUTH_SLICING_KERNEL", "1")
     if not kernel.available():
         pytest.skip("no C++ compiler for the θ kernel (the torch path is used then)")
@@ -163,6 +165,7 @@ def compiled(monkeypatch):
     return calls
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("theta", [0.1, 0.3])
 @pytest.mark.parametrize("net", [ConvZoo, ResCat])
 def test_compiled_theta_kernel_equals_loop_reference(net, theta, compiled):
@@ -173,6 +176,7 @@ def test_compiled_theta_kernel_equals_loop_reference(net, theta, compiled):
     assert 0 < total(fast) < total(slice_partial(model, prof, x, 0.0, None, batch=2))
 
 
+@pytest.mark.subprocess
 def test_compiled_theta_kernel_hands_undecidable_neurons_to_exact_arithmetic(compiled):
     # small integers: equal |w·Δx| everywhere and running sums that hit θ·|y| exactly, which float64 margins
     # cannot decide; the kernel must report those neurons and leave them out, and the torch path decides them
@@ -193,6 +197,7 @@ def test_compiled_theta_kernel_hands_undecidable_neurons_to_exact_arithmetic(com
             assert torch.equal(back * dx.sign(), _conv_theta(conv, gs, dx, y, theta, BLOCK) * dx.sign())
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("theta", [0.1, 0.3])
 def test_compiled_theta_kernel_on_wide_windows(theta, compiled):
     # Windows of 576 inputs spread over dozens of bins: the walk skips whole blocks, brackets the cut across
@@ -359,6 +364,7 @@ def test_project_models(arch, width, in_ch, size, loop):
 
 # ---- Ray ----------------------------------------------------------------------------------------------------
 
+@pytest.mark.ray
 def test_ray_equals_single_process():
     ray = pytest.importorskip("ray")
     from gradauth.slicing.distributed import slice_ray

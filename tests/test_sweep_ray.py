@@ -33,6 +33,7 @@ def fake_gpu_ray():
     ray.shutdown()
 
 
+@pytest.mark.ray
 def test_quarter_gpu_trials_pack_four_on_a_gpu_and_fall_back_to_cpu(fake_gpu_ray, tmp_path, capfd):
     assert started_local_ray()
     cfg = parse_config({
@@ -79,6 +80,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.ray
 def test_sweep_end_to_end_on_local_ray(local_ray, tmp_path):
     cfg = parse_config({
         "name": "e2e", "data": {"name": "digits", "crop_pad": 1, "flip": False},

@@ -201,6 +201,54 @@ def _one(arch: str, theta: float, prof, images, ray_on: bool) -> dict:
     return row
 
 
+SYNAPSE_ROWS = (("resnet10", 0.0, 32), ("resnet18", 0.0, 16), ("resnet10", 0.3, 2))  # (arch, θ, samples)
+
+
+def _synapse_one(arch: str, theta: float, n: int, prof, images) -> dict:
+    """Synapse-level slicing (per-weight counts of every Conv2d / Linear, synapse.py) against the neuron-level slice
+    of the same inputs in the same process: seconds per sample of each, best of REPEATS interleaved (θ > 0: one run;
+    its per-weight θ filter is the torch one, not the compiled kernel)."""
+    from .synapse import synapse_partial
+    load = os.getloadavg()
+    model = _model(arch, prof)
+    plan = Plan(model)
+    means = profile(plan, prof)
+    x, b = images[:n], BATCHES[theta]
+    synapse_partial(None, None, x[:1], theta, batch=b, plan=plan, means=means)  # warm-up
+    best = {"neuron_level": float("inf"), "synapse_level": float("inf")}
+    syn = None
+    for _ in range(REPEATS if theta == 0 else 1):
+        t0 = time.perf_counter()
+        slice_partial(None, None, x, theta, batch=b, plan=plan, means=means)
+        best["neuron_level"] = min(best["neuron_level"], time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        syn, _ = synapse_partial(None, None, x, theta, batch=b, plan=plan, means=means)
+        best["synapse_level"] = min(best["synapse_level"], time.perf_counter() - t0)
+    per = {k: v / len(x) for k, v in best.items()}
+    row = {"arch": arch, "theta": theta, "samples": len(x), "batch": b, "load_average_before_after": [load, os.getloadavg()],
+           "s_per_sample": per, "synapse_over_neuron": per["synapse_level"] / per["neuron_level"],
+           "weights": sum(v.numel() for v in syn.count.values()),
+           "weights_with_contributions": sum(int((v > 0).sum()) for v in syn.count.values()),
+           "speedup_vs_published": PUBLISHED_S_PER_SAMPLE[arch] / per["synapse_level"]}
+    print(f"[bench slicing] synapse-level {arch} θ={theta}: {per['synapse_level'] * 1e3:.0f} ms per sample "
+          f"({row['synapse_over_neuron']:.2f}× neuron-level)", file=sys.stderr, flush=True)
+    return row
+
+
+def synapse_rows(rows=SYNAPSE_ROWS) -> list[dict]:
+    torch.set_num_threads(os.cpu_count() or 2)
+    prof, images, _ = _data(max(n for *_, n in rows))
+    return [_synapse_one(arch, theta, n, prof, images) for arch, theta, n in rows]
+
+
+def _synapse_summary(rows: list[dict]) -> str:
+    return "\n".join(
+        f"synapse-level {r['arch']} θ={r['theta']:g}: {r['s_per_sample']['synapse_level'] * 1e3:.0f} ms per sample "
+        f"({r['synapse_over_neuron']:.2f}× the neuron-level slice's {r['s_per_sample']['neuron_level'] * 1e3:.0f} ms; "
+        f"{_x(r['speedup_vs_published'])}× NNSlicer's published {PUBLISHED_S_PER_SAMPLE[r['arch']]:g} s per sample, "
+        f"which is neuron-level) over {r['weights']:,} weights" for r in rows)
+
+
 def peak_child(arch: str, theta: float, n: int, batch: int) -> float:
     """Run in a fresh process (RSS never shrinks after a peak): peak RSS of slicing n inputs above the loaded model."""
     torch.set_num_threads(os.cpu_count() or 2)
@@ -259,16 +307,17 @@ def bench_slicing(out_path: Path) -> dict:
     with local_cluster(os.cpu_count() or 2) if local_cluster else _nothing():
         rows = [_one(arch, theta, prof, images, local_cluster is not None)
                 for theta in (0.0, 0.3) for arch in ("resnet10", "resnet18")]
+    syn_rows = synapse_rows()
     result = {
         "bench": "slicing", "machine": machine(), "data": data,
         "load_average_before_after": [load_before, os.getloadavg()],  # the machine is shared: context for noise
         "settings": {"batch": BATCHES, "theta_block_elements": BLOCK, "torch_threads": torch.get_num_threads(),
                      "theta_kernel": "compiled C++ (slicing/kernel.py)" if kernel.available() else "torch ops",
                      "reference_budget_s": REFERENCE_BUDGET_S, "single_process_repeats": REPEATS},
-        "published_s_per_sample": PUBLISHED_S_PER_SAMPLE, "runs": rows,
+        "published_s_per_sample": PUBLISHED_S_PER_SAMPLE, "runs": rows, "synapse_runs": syn_rows,
         "peak_memory": _memory_scaling(),
         "peak_memory_method": "RSS sampled every 5 ms in a fresh process, minus the RSS after model load and profiling",
-        "notes": __doc__.strip(), "summary": _summary(rows),
+        "notes": __doc__.strip(), "summary": _summary(rows) + "\n" + _synapse_summary(syn_rows),
     }
     write_json(out_path, result)
     print(result["summary"], file=sys.stderr)
@@ -280,6 +329,10 @@ def _nothing():
     yield
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and sys.argv[1:2] == ["synapse"]:  # the synapse-level rows alone
+    _rows = synapse_rows()
+    print(_synapse_summary(_rows), file=sys.stderr)
+    write_json(Path(sys.argv[2]), {"bench": "slicing-synapse", "runs": _rows, "summary": _synapse_summary(_rows)})
+elif __name__ == "__main__":
     print(json.dumps(bench_slicing(Path(sys.argv[1] if len(sys.argv) > 1 else "results/bench/slicing.json")),
                      indent=2)[:2000])

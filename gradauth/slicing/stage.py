@@ -76,7 +76,7 @@ def _slice_config(cfg: Config) -> ImportanceConfig:
     return next((i for i in cfg.importance if i.name == "slice"), ImportanceConfig(name="slice"))
 
 
-def _ray_running() -> bool:
+def ray_running() -> bool:
     ray = sys.modules.get("ray")  # never import ray just to ask: a plain run should not pay for it
     return bool(ray is not None and ray.is_initialized())
 
@@ -98,7 +98,7 @@ def run_slice(cfg: Config, out_dir: Path, base_model: nn.Module, ds: Dataset, us
     model = _cpu_copy(base_model)
     plan = Plan(model)  # refuse an unsupported model before touching data
     prof = profile_inputs(ds)
-    use_ray = _ray_running() if use_ray is None else use_ray
+    use_ray = ray_running() if use_ray is None else use_ray
     if use_ray:
         from .distributed import slice_ray
 

@@ -79,9 +79,11 @@ def targets(st: Stats, target: int | torch.Tensor | None) -> torch.Tensor:
 
 
 def backward(plan: Plan, st: Stats, theta: float = 0.0, target=None, block: int = BLOCK,
-             count: bool = False) -> Partial:
+             count: bool = False, visit=None) -> Partial:
     """Slice one batch: CONTRIB of every neuron, reduced to a Partial (per-input maps are dropped as we go).
-    count: also count the synapses a per-neuron loop would visit (benchmarks extrapolate the reference by it)."""
+    count: also count the synapses a per-neuron loop would visit (benchmarks extrapolate the reference by it).
+    visit(step, c, st): called with each keyed step's complete batch CONTRIB map before its rule consumes it
+    (synapse.py derives per-weight counts and per-input slices from it; it must not modify c)."""
     out = Partial(inputs=st.n)
     logits = st.sd[plan.logits]
     contrib = {plan.logits: F.one_hot(targets(st, target), logits.shape[1]).float()}
@@ -93,6 +95,8 @@ def backward(plan: Plan, st: Stats, theta: float = 0.0, target=None, block: int 
         if c is None:
             continue
         # a map of zeros sends nothing back (a function step's map is not checked: its rule just passes zeros)
+        if visit is not None and s.key is not None:
+            visit(s, c, st)
         if s.key is None or out.add_map(s.key, c):
             if count and s.rule.weighted and s.parents[0] in wanted:
                 out.synapses += synapse_count(s, (c != 0) & (sd(st, s.name) != 0), st.sd[s.parents[0]].shape)

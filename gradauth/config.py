@@ -725,6 +725,38 @@ def _parse(raw: Any, source: str, problems: list[str]) -> Config:
     return cfg
 
 
+@dataclass
+class ProgressView:
+    """What `gradauth status` needs of a results folder's config.yaml: the sections that size the sweep and select
+    the levels so far, each checked by its own rules. It leaves out what the registries check (dataset, model,
+    importance names and settings): their built-ins import torch, and a folder swept with someone's plugins must
+    still show its progress where those plugins are not installed."""
+    name: str
+    importances: int
+    lock: LockConfig
+    finetune: FinetuneConfig
+    select: SelectConfig
+    search: SearchConfig
+
+
+def load_progress_view(path: str | Path) -> ProgressView:
+    path = Path(path)
+    raw, problems = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise GradauthError(f"{path}: the config must be a YAML mapping with keys {', '.join(sorted(TOP_LEVEL))}")
+    problems = list(problems)
+    bad: set[str] = set()
+    built = {k: _build(SECTIONS[k], raw.get(k), k, problems, bad) for k in ("lock", "finetune", "select")}
+    search = _search(raw.get("search"), raw.get("lock"), problems)
+    name = raw.get("name", "experiment")
+    check_field(name, {f.name: f for f in fields(Config)}["name"].metadata["rule"], "name", problems)
+    imps = raw.get("importance")
+    count = 1 if imps is None else len(imps) if isinstance(imps, list) else 1
+    if problems:
+        raise GradauthError(f"{path}: " + "; ".join(problems))
+    return ProgressView(str(name), max(1, count), search=search, **built)
+
+
 def parse_config(raw: Any, source: str = "config") -> Config:
     """Config from a parsed YAML mapping; raises one GradauthError listing every problem."""
     return _parse(raw, source, [])

@@ -19,15 +19,15 @@ from .rows import FINISHED, PARTS, TRIALS_SCHEMA, read_parts, read_progress
 
 def _grid_size(cfg) -> int:
     from .knobs import schedules  # the grid's schedule axes come from Schedule's fields (no torch imported)
-    return len(cfg.importance) * len(cfg.lock.values) * len(schedules(cfg.finetune))
+    return cfg.importances * len(cfg.lock.values) * len(schedules(cfg.finetune))
 
 
 def sweep_status(out: Path) -> dict:
-    from .config import load_config
+    from .config import load_progress_view
     from .select import load_trials
     if not (out / rundir.CONFIG).is_file():
         raise GradauthError(f"{out} holds no config.yaml: is it an output dir of `gradauth run` / `gradauth sweep`?")
-    cfg = load_config(out / rundir.CONFIG)
+    cfg = load_progress_view(out / rundir.CONFIG)  # no registries: no torch, and no plugins needed to look
     progress = read_progress(out)
     if (out / PARTS).is_dir():
         rows = read_parts(out)

@@ -163,7 +163,8 @@ assert [s.trial_id for s in grid(cfg)] == ["bn_gamma-rate0.1-e3-lr0.01-f1-all-s0
 # the config: a finetune.smoothing list, swept and checked by the knob's rule
 cfg = parse_config({"finetune": {"epochs": [3], "smoothing": [0.0, 0.1]}})
 assert [s.trial_id for s in grid(cfg)] == ["bn_gamma-rate0.1-e3-lr0.01-f1-all-s0", "bn_gamma-rate0.1-e3-lr0.01-f1-all-ls0.1-s0"]
-assert status._grid_size(cfg) == 2
+from gradauth.config import ProgressView
+assert status._grid_size(ProgressView(cfg.name, 1, cfg.lock, cfg.finetune, cfg.select, cfg.search)) == 2
 try:
     parse_config({"finetune": {"smoothing": [1.5]}})
     raise SystemExit("smoothing 1.5 accepted")
@@ -197,6 +198,7 @@ print("KNOB OK")
 '''
 
 
+@pytest.mark.subprocess
 def test_a_knob_added_in_one_place_flows_to_columns_grouping_labels_ids_and_attack(tmp_path):
     """Copy the package, add ONE field to Schedule (nothing else edited), and check in a fresh interpreter that the
     new knob is a checked `finetune.<name>` config list, a grid axis, a trials.parquet column, a grouping key of

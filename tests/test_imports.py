@@ -92,6 +92,13 @@ def test_only_the_entry_points_import_cli():
     assert {_short(m) for m, ts in graph.items() if "gradauth.cli" in ts} <= ENTRY
 
 
+def test_no_submodule_imports_its_own_package():
+    """slicing's submodules import slicer.py, not the package: its __init__ re-exports them and dispatches to stage."""
+    graph, _ = analyse()
+    wrong = {(m, t) for m, ts in graph.items() for t in ts if m.startswith(t + ".") and t != "gradauth"}
+    assert wrong == set(), f"submodules importing their package's __init__: {sorted(wrong)}"
+
+
 def test_the_analysis_sees_cycles_and_private_names(tmp_path):
     """The checks can fail: a two-module cycle through a function-level import, and a private name, are found."""
     pkg = tmp_path / "pkg"

@@ -19,7 +19,7 @@ from .errors import GradauthError
 from .fsutil import write_json
 from .machine import machine
 
-BENCHES = ("sweep", "slicing", "gpu", "search")
+BENCHES = ("sweep", "slicing", "gpu", "search", "scale")
 
 
 def _tensor_pipeline_ips(model, ds, batch_size: int, epochs: int = 1) -> float:
@@ -143,6 +143,153 @@ def bench_sweep(out: Path, repeats: int = 2) -> dict:
     return result
 
 
+SCALE_N = (100, 1000)  # GRADAUTH_BENCH_SCALE_N="100,1000,5000" to change
+
+
+def scale_config(n: int, base_epochs: int = 10):
+    """Tiny trials (issue 14): the quickstart model at half width, 1 fine-tune epoch on 5 % of the data; n trials as
+    10 lock rates (0.05 … 0.32, below the rates that empty a layer) × n/10 seeds. Every trial fine-tunes
+    (lock_bound 0.9)."""
+    import yaml
+
+    from .config import parse_config
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml").read_text())
+    if n % 10:
+        raise GradauthError(f"bench scale: N={n} is not a multiple of 10 (10 lock rates × N/10 seeds)")
+    raw["name"] = f"scale-{n}"
+    raw["model"]["width"] = 1.0
+    raw["train"]["epochs"] = base_epochs  # the base is shared by every N; its accuracy is no claim here
+    raw["lock"]["values"] = [round(0.05 + 0.03 * i, 2) for i in range(10)]
+    raw["finetune"] |= {"epochs": [1], "lr": [0.01], "data_fraction": [0.05], "seeds": list(range(n // 10))}
+    raw["sweep"] |= {"lock_bound": 0.9}
+    return parse_config(raw, f"bench scale N={n}")
+
+
+def _proc_io() -> dict:
+    """This process's I/O counters (/proc/self/io): write_bytes reached the block layer, wchar all write() calls."""
+    try:
+        fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+        return {k: int(fields[k]) for k in ("write_bytes", "wchar", "read_bytes")}
+    except (OSError, KeyError, ValueError):
+        return {"write_bytes": 0, "wchar": 0, "read_bytes": 0}
+
+
+def _rss_mb() -> dict:
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM") if k in fields}
+
+
+def _tree(path: Path) -> tuple[int, int]:
+    """(bytes, files) under path."""
+    size = files = 0
+    for root, _, names in os.walk(path):
+        for n in names:
+            try:
+                size += os.lstat(os.path.join(root, n)).st_size
+                files += 1
+            except OSError:
+                pass
+    return size, files
+
+
+def bench_scale(ns: tuple[int, ...] = SCALE_N, sample: int = 20) -> dict:
+    """The driver as the sweep grows: per trial, its CPU seconds, the bytes it writes (/proc/self/io) and what lands
+    in Ray's storage, its memory, `gradauth status` and `--resume` times, and Ray's overhead against the same trials
+    in a plain loop (`sweep.run_sequential`, on a sample). Only per-trial ratios between N are claims."""
+    from .data import load_dataset
+    from .pipeline import train_stage, trial_context
+    from .status import sweep_status
+    from .sweep import ensure_ray, run_sequential, run_sweep
+    from .trial import grid
+    cpus = os.cpu_count() or 2
+    result = {"bench": "scale", "machine": machine(), "trials": "quickstart ×1.0 width, 1 epoch, 5 % data",
+              "load_average_start": os.getloadavg(), "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cfg0 = scale_config(ns[0])
+        ds = load_dataset(cfg0.data, cfg0.seed)
+        train_stage(cfg0, tmp / "base", ds)
+        ctx = trial_context(cfg0, tmp / "base", ds)
+        torch.set_num_threads(1)
+        specs = grid(cfg0)[:sample]
+        run_sequential(ctx, specs[:2], torch.device("cpu"))  # warm up
+        t0 = time.perf_counter()
+        run_sequential(ctx, specs, torch.device("cpu"))
+        plain = (time.perf_counter() - t0) / len(specs)
+        result["plain_loop_s_per_trial"] = plain
+        ensure_ray(num_cpus=cpus)
+        import ray
+        slots = int(ray.cluster_resources().get("CPU", 1))
+        for n in ns:
+            cfg = scale_config(n)
+            cfg.sweep.max_concurrent = slots
+            out = tmp / f"n{n}"
+            out.mkdir()
+            logs0 = _tree(_ray_logs())[0]
+            io0, cpu0, t0, load0 = _proc_io(), time.process_time(), time.perf_counter(), os.getloadavg()
+            df = run_sweep(cfg, ctx, out)
+            wall, cpu, io1 = time.perf_counter() - t0, time.process_time() - cpu0, _proc_io()
+            storage, storage_files = _tree(out / rundir.RAY)
+            ray_logs = _tree(_ray_logs())[0] - logs0
+            state = sum(p.stat().st_size for p in (out / rundir.RAY / rundir.EXPERIMENT).glob("experiment_state*.json"))
+            out_bytes, out_files = _tree(out)
+            (out / rundir.CONFIG).write_text(yaml_dump(cfg))
+            status_s = min(_timed(lambda: sweep_status(out)) for _ in range(3))
+            counts = sweep_status(out)
+            resume_s = _timed(lambda: run_sweep(cfg, ctx, out, resume=True))
+            result["runs"][str(n)] = {
+                "trials": n, "ok": int((df["status"] == "ok").sum()), "wall_s": wall,
+                "wall_s_per_trial": wall / n, "driver_cpu_s_per_trial": cpu / n,
+                "driver_write_bytes_per_trial": (io1["write_bytes"] - io0["write_bytes"]) / n,
+                "driver_wchar_per_trial": (io1["wchar"] - io0["wchar"]) / n,
+                "ray_storage_bytes_per_trial": storage / n, "ray_storage_files_per_trial": storage_files / n,
+                "output_bytes_per_trial": out_bytes / n, "output_files_per_trial": out_files / n,
+                "ray_session_logs_bytes_per_trial": ray_logs / n, "experiment_state_bytes_per_trial": state / n,
+                "driver_rss_mb": _rss_mb(), "status_s": status_s,
+                "status_counts": {k: counts[k] for k in ("done", "running", "pending", "failed")},
+                "resume_s_all_done": resume_s,
+                "ray_overhead_vs_plain": wall * slots / n / plain - 1,
+                "load_average_before_after": [load0, os.getloadavg()]}
+            print(f"[bench] N={n}: {json.dumps(result['runs'][str(n)])}", file=sys.stderr)
+        ray.shutdown()
+    runs = list(result["runs"].values())
+    if len(runs) > 1:
+        a, b = runs[0], runs[-1]
+        result["growth_first_to_last"] = {k: b[k] / a[k] - 1 if a[k] else None for k in (
+            "driver_cpu_s_per_trial", "driver_write_bytes_per_trial", "driver_wchar_per_trial", "wall_s_per_trial",
+            "ray_storage_bytes_per_trial")}
+    result["load_average_end"] = os.getloadavg()
+    result["notes"] = (
+        f"{slots} trials at a time, one torch thread each; plain_loop_s_per_trial: {sample} of the same trials back "
+        "to back in the driver, one thread, no Ray. ray_overhead_vs_plain = wall per trial × slots / plain − 1 "
+        "(on a shared, loaded machine it includes everyone else's load). driver_write_bytes: what reached the disk "
+        "from the driver process (rows, models, Tune's experiment state); Ray's storage dir also gets the workers' "
+        "checkpoints. resume_s_all_done: `--resume` of the finished sweep (reads rows, starts no trial).")
+    return result
+
+
+def _ray_logs() -> Path:
+    """The Ray session's log folder (the driver's own core-worker log is written by this process)."""
+    try:
+        from ray._private import worker  # private, but Ray is pinned exactly (pyproject.toml)
+        return Path(worker._global_node.get_session_dir_path()) / "logs"
+    except Exception:
+        return Path("/nonexistent")
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def yaml_dump(cfg) -> str:
+    from .config import dump_config
+    return dump_config(cfg)
+
+
+
+
 SEARCH_PAIRS = (("quickstart", "quickstart.yaml", "quickstart-targeted.yaml"),
                 ("cifar10-cpu", "cifar10-cpu.yaml", "cifar10-cpu-targeted.yaml"))
 
@@ -257,6 +404,12 @@ def run_bench(name: str, out: Path | None = None) -> Path:
         result = bench_sweep(out)
     elif name == "search":
         result = bench_search(out)
+    elif name == "scale":
+        try:
+            ns = tuple(int(v) for v in os.environ.get("GRADAUTH_BENCH_SCALE_N", "").split(",") if v.strip()) or SCALE_N
+        except ValueError:
+            raise GradauthError("GRADAUTH_BENCH_SCALE_N: give trial counts like 100,1000") from None
+        result = bench_scale(ns)
     else:
         from .slicing.bench import bench_slicing
         return bench_slicing(out)

@@ -110,11 +110,15 @@ def cmd_bench(a):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gradauth", description="Graded authorization by structured pruning.")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="the full output: a line per epoch, Tune's tables and Ray's worker logs (else in DIR/sweep.log)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name, fn, help_):
         s = sub.add_parser(name, help=help_)
         s.set_defaults(fn=fn)
+        s.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                       help="the full output (Tune's tables, Ray's worker logs, a line per epoch)")
         return s
 
     s = add("run", cmd_run, "every stage: train, sweep, select, release, report")
@@ -164,6 +168,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.verbose:
+        from .console import set_verbose
+        set_verbose(True)
     try:
         args.fn(args)
     except GradauthError as e:

@@ -123,15 +123,28 @@ def watch(driver: tuple[int, int], roots: set[tuple[int, int]]) -> None:
         _wait_for_driver(driver, pidfd, SCAN_S)
 
 
-def spawn(roots: list[int]) -> subprocess.Popen | None:
-    """Start the watchdog for this process (the driver) and the instance processes `roots`; None off Linux."""
+def spawn(roots: list[int], session_dir: str | None = None) -> subprocess.Popen | None:
+    """Start the watchdog for this process (the driver) and the instance processes `roots`; None off Linux.
+    `session_dir`: the instance's private temp folder (sweep.ensure_ray), removed once its processes are gone."""
     me = start_time(os.getpid())
     keys = [f"{pid}:{start_time(pid)}" for pid in roots if start_time(pid) is not None]
     if me is None or not keys:
         return None
     return subprocess.Popen([sys.executable, "-m", "gradauth.raywatch", f"{os.getpid()}:{me}", *keys],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, close_fds=True)
+                            start_new_session=True, close_fds=True,
+                            env=os.environ | ({TEMP_ENV: session_dir} if session_dir else {}))
+
+
+TEMP_ENV = "GRADAUTH_RAYWATCH_SESSION_DIR"
+
+
+def _remove_session_dir(path: str | None) -> None:
+    """Only a folder that `sweep.ensure_ray` made (tempfile.mkdtemp(prefix="gradauth-ray-")) is ever removed."""
+    import shutil
+    import tempfile
+    if path and Path(path).name.startswith("gradauth-ray-") and Path(path).parent == Path(tempfile.gettempdir()):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _parse(arg: str) -> tuple[int, int]:
@@ -142,3 +155,4 @@ def _parse(arg: str) -> tuple[int, int]:
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the driver is the driver's business
     watch(_parse(sys.argv[1]), {_parse(a) for a in sys.argv[2:]})
+    _remove_session_dir(os.environ.get(TEMP_ENV))  # a killed driver's atexit never ran

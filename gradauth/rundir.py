@@ -5,7 +5,7 @@ report, attack, status …) can use it without importing another stage.
     DIR/config.yaml        the resolved config (write_config / read_config)
     DIR/base.pt            the trained base model; base.json its metrics; base.ckpt training's per-epoch checkpoint
     DIR/trials.parquet     one row per trial; trials.d/ the row parts a running (or killed) driver left
-    DIR/progress.json      the sweep's progress; search.json the targeted search's
+    DIR/progress.json      the sweep's progress; search.json the targeted search's; sweep.log Tune's console
     DIR/levels.json        the selected levels
     DIR/models/<id>.pt     each finished trial's model
     DIR/release/           the public locked model, the packs; keys/ the owner keys
@@ -33,6 +33,7 @@ TRIALS = "trials.parquet"
 PARTS = "trials.d"
 PROGRESS = "progress.json"
 SEARCH = "search.json"  # the targeted search's progress and outcome (sweep.write_search)
+SWEEP_LOG = "sweep.log"  # Tune's console output during the sweep (console.to_log)
 LEVELS = "levels.json"
 MODELS = "models"
 RELEASE = "release"

@@ -8,6 +8,7 @@ with `Tuner.restore`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -149,17 +150,35 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
         return started_local_ray()
     address = os.environ.get("RAY_ADDRESS") or "local"
     local = address == "local"
+    from .console import verbose
+    # Workers' prints (Tune's per-trial lines) reach the console only with --verbose; they stay in Ray's logs.
+    temp = tempfile.mkdtemp(prefix="gradauth-ray-") if local else None
     ray.init(address=address, num_cpus=num_cpus if local else None, include_dashboard=False if local else None,
-             log_to_driver=True)
+             log_to_driver=verbose(), _temp_dir=temp)
     if local:
-        _watch_local_ray()
+        _clean_session_files(temp)
+        _watch_local_ray(temp)
     return local
+
+
+def _clean_session_files(temp: str) -> None:
+    """A private instance keeps its session files (logs, sockets, spilled objects) in its own temp folder, removed
+    when this process shuts Ray down at exit, or by the watchdog (raywatch.py) if this process is killed: nothing
+    piles up under /tmp/ray."""
+    import atexit
+
+    import ray
+
+    def clean():
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+    atexit.register(clean)  # runs before Ray's own atexit shutdown (registered earlier, atexit is LIFO)
 
 
 _WATCHDOG: list = []  # the watchdog of the local instance this process started (kept referenced)
 
 
-def _watch_local_ray() -> None:
+def _watch_local_ray(session_dir: str | None = None) -> None:
     """Own the private instance's lifetime: a watchdog kills what this process's Ray leaves behind if it is killed
     (raywatch.py). Only the processes this `ray.init` started are ever watched."""
     from . import raywatch
@@ -171,7 +190,7 @@ def _watch_local_ray() -> None:
         print(f"[sweep] cannot watch the local Ray's processes ({type(e).__name__}): if this driver is killed, "
               "stop them with `ray stop`", file=sys.stderr)
         return
-    watchdog = raywatch.spawn(roots)
+    watchdog = raywatch.spawn(roots, session_dir)
     if watchdog is not None:
         _WATCHDOG.append(watchdog)
 
@@ -331,19 +350,49 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
             run_config=tune.RunConfig(
                 name=rundir.EXPERIMENT, storage_path=storage, callbacks=[RowWriter()],
                 failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1))
-    activate(log, ctx)
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=None), verbose=1))
+    from .console import SweepProgress, to_log
+    progress = SweepProgress(log)
+    activate(log, ctx, tick=progress.tick)
     try:
-        results = tuner.fit()
+        with to_log(out_dir / rundir.SWEEP_LOG), _state_period(len(pending)):
+            results = tuner.fit()
     finally:
         activate(None, None)
         log.flush(force=True)
+        progress.close()
     # Grid points the callback did not see finish: a restored experiment had finished them before (a new head node
     # whose output folder was lost restores everything from sweep.storage).
     missing = {s.trial_id for s in pending} - set(log.rows)
     extra = [row_from_result(r, ctx, out_dir / rundir.MODELS) for r in results
              if TrialSpec(**r.config["trial"]).trial_id in missing]
     return log.compact(extra)
+
+
+@contextlib.contextmanager
+def _state_period(n: int):
+    """How often Tune snapshots its experiment state (TUNE_GLOBAL_CHECKPOINT_S, read when `fit` builds its
+    controller): every max(10 s, n / 10 s); an owner's own TUNE_GLOBAL_CHECKPOINT_S wins.
+
+    A snapshot holds every trial (~24 KB each), so a period that grows with the sweep keeps the bytes written per
+    second, and per trial, the same at any size (~24 KB × 10 s / trials per second); Tune's own "auto" period (10 s,
+    or 19 × the time a snapshot took) makes them grow ∝ N. `CheckpointConfig(num_to_keep=None)` goes with it: in
+    Ray 2.60 a `num_to_keep` forces a full snapshot whenever a trial saved that many checkpoints since the last one
+    (with num_to_keep=1, one per trial: issue 14); without it each trial keeps its checkpoints (few: at most one per
+    `sweep.checkpoint_min_s`), so any checkpoint an older snapshot names still exists.
+
+    What a killed driver can lose is bounded by the period: nothing finished (rows are on disk as trials finish,
+    rows.py, and a trial a snapshot still shows running re-reports its row on --resume instead of training again);
+    running trials restart from the checkpoint the last snapshot knew, or from their start if they began after it."""
+    key = "TUNE_GLOBAL_CHECKPOINT_S"
+    old = os.environ.get(key)
+    if old is None:
+        os.environ[key] = str(max(10.0, n / 10))
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
 
 
 SEARCH_FILE = rundir.SEARCH

@@ -90,6 +90,8 @@ def train_base(cfg: Config, ds: Dataset, device: torch.device, progress: bool = 
         start, before = int(state["epochs_done"]), float(state["seconds"])
         print(f"[train] resuming from {checkpoint}: {start} of {t.epochs} epochs done", file=sys.stderr)
     t0 = time.perf_counter()
+    from .console import EpochProgress, verbose
+    line = EpochProgress(t.epochs, start) if progress and not verbose() else None  # verbose: a line per epoch
 
     def diverged(what: str):
         return GradauthError(f"base training diverged ({what}): lower train.lr (now {t.lr:g}) and train again; "
@@ -100,11 +102,17 @@ def train_base(cfg: Config, ds: Dataset, device: torch.device, progress: bool = 
             raise diverged(f"loss {loss} in epoch {epoch + 1} of {t.epochs}")
         if checkpoint is not None:
             save_checkpoint(checkpoint, cfg, model, opt, epoch + 1, before + time.perf_counter() - t0)
+        if line is not None:
+            line.epoch(epoch, loss)
 
-    fit(model, ds, ds.train, spec, opt, start_epoch=start,
-        after_backward=lambda: regularize(model, t.sparsity),
-        after_step=lambda: clamp_gamma(model, t.gamma_max),
-        on_epoch=on_epoch, progress="train" if progress else None)
+    try:
+        fit(model, ds, ds.train, spec, opt, start_epoch=start,
+            after_backward=lambda: regularize(model, t.sparsity),
+            after_step=lambda: clamp_gamma(model, t.gamma_max),
+            on_epoch=on_epoch, progress="train" if progress and line is None else None)
+    finally:
+        if line is not None:
+            line.close()
     bad = [n for n, v in list(model.named_parameters()) + list(model.named_buffers())
            if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:

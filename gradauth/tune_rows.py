@@ -22,11 +22,12 @@ from .trial import TrialContext, TrialSpec, base_row
 _ACTIVE: dict = {}
 
 
-def activate(log: SweepLog | None, ctx: TrialContext | None, on_search=None) -> None:
-    """`on_search(planner)`: called by the DriverSearcher whenever the search's state changed."""
+def activate(log: SweepLog | None, ctx: TrialContext | None, on_search=None, tick=None) -> None:
+    """`on_search(planner)`: called by the DriverSearcher whenever the search's state changed; `tick(force=False)`:
+    after every controller step (the console's progress line)."""
     _ACTIVE.clear()
     if log is not None:
-        _ACTIVE.update(log=log, ctx=ctx, on_search=on_search)
+        _ACTIVE.update(log=log, ctx=ctx, on_search=on_search, tick=tick or (lambda force=False: None))
 
 
 def trial_ident(config: dict) -> tuple[str, str] | None:
@@ -116,6 +117,7 @@ class RowWriter(tune.Callback):
     def on_step_end(self, iteration, trials, **info):
         if _ACTIVE:
             _ACTIVE["log"].flush()
+            _ACTIVE["tick"]()
 
     def on_experiment_end(self, trials, **info):
         if _ACTIVE:

@@ -187,6 +187,8 @@ def _wait(pred, timeout):
     raise TimeoutError
 
 
+@pytest.mark.ray
+@pytest.mark.subprocess
 def test_a_killed_targeted_sweep_is_finished_by_resume_every_trial_once(tmp_path, tiny_cfg):
     """`gradauth sweep` of a targeted config, the driver and its Ray SIGKILLed once a few trials have their rows;
     `--resume` restores Tune's experiment with the searcher's state and finishes the search: every proposed trial
@@ -237,6 +239,7 @@ def test_a_killed_targeted_sweep_is_finished_by_resume_every_trial_once(tmp_path
 
 
 # ------------------------------------------------------------------------------------------ bench search
+@pytest.mark.ray
 def test_bench_search_compares_grid_and_targeted_on_one_base(tmp_path, tiny_cfg):
     """`gradauth bench search`'s per-config comparison on a shrunken pair (the quickstart and CIFAR pairs take
     minutes to hours): both sides fine-tune the same base; the targeted side counts its curve tasks as trials."""

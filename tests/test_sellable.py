@@ -160,7 +160,7 @@ def test_without_thief_rows_the_public_lock_is_the_union_of_the_levels():
 # ---- end to end on a tiny run ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def thief_run(tmp_path_factory):
+def thief_run(tiny_sweep, tmp_path_factory):
     """A tiny sweep (3 locks, 2 seeds, 3 epochs) plus real thief trials as the search runs them (search_trial):
     from scratch and from the public model at two of the levels' locks, on 5 % and 10 % of the labels."""
     import torch
@@ -168,9 +168,8 @@ def thief_run(tmp_path_factory):
     from gradauth.search import search_trial
     from gradauth.sweep import write_trials as write_rows
     from gradauth.trial import TrialSpec, spec_to_dict
-    from test_release import build_tiny_sweep
-    out = build_tiny_sweep(tmp_path_factory.mktemp("thief"), [(0.2, 3), (0.3, 3), (0.4, 3)])
-    (out / "config.yaml").is_file() or pytest.skip("build_tiny_sweep writes no config")
+    from conftest import copy_of
+    out = copy_of(tiny_sweep, tmp_path_factory.mktemp("thief") / "run")  # the shared sweep: 3 locks × 2 seeds
     shutil.copytree(out, out.parent / "plain")  # the same run before any thief trial
     ctx = trial_context(read_config(out), out)
     rows = read_trials(out / "trials.parquet").to_dict("records")

@@ -517,8 +517,13 @@ def run_targeted(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = F
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1))
     write_search(out_dir, planner) if not restore else None
     activate(log, ctx, on_search)
+    from .console import to_log
     try:
-        results = tuner.fit()
+        # Tune's tables go to sweep.log as in a grid sweep; the outcome per target is printed below. A targeted sweep
+        # keeps num_to_keep=1 (a snapshot per checkpoint): its searcher's state rides on the snapshots, and its
+        # trials are few (search.max_trials), so the cost that made the grid drop it does not arise.
+        with to_log(out_dir / "sweep.log"):
+            results = tuner.fit()
     finally:
         activate(None, None)
         log.flush(force=True)

@@ -522,7 +522,7 @@ def run_targeted(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = F
         # Tune's tables go to sweep.log as in a grid sweep; the outcome per target is printed below. A targeted sweep
         # keeps num_to_keep=1 (a snapshot per checkpoint): its searcher's state rides on the snapshots, and its
         # trials are few (search.max_trials), so the cost that made the grid drop it does not arise.
-        with to_log(out_dir / "sweep.log"):
+        with to_log(out_dir / rundir.SWEEP_LOG):
             results = tuner.fit()
     finally:
         activate(None, None)

@@ -13,7 +13,7 @@ ROOT = Path(gradauth.__file__).resolve().parent
 
 # The core: plain objects, files, models and training primitives. The stages (pipeline, sweep, select, release, report,
 # attack, status, search, bench, …) build on it; cli on them.
-CORE = {"checkpoint", "compact", "config", "data", "engine", "errors", "finetune", "fsutil", "importance", "knobs",
+CORE = {"checkpoint", "compact", "config", "console", "data", "engine", "errors", "finetune", "fsutil", "importance", "knobs",
         "machine", "models", "prune", "raywatch", "registry", "rows", "rules", "rundir", "runlock", "schema",
         "sparsity", "trial", "slicing"}
 ENTRY = {"cli", "__main__"}

@@ -3,7 +3,7 @@ __version__ = "0.1.0"
 
 _API = {"unlock": "release", "unlock_to_file": "release",
         "register_importance": "registry", "register_dataset": "registry", "register_model": "registry",
-        "load_plugins": "registry", "setting": "config"}
+        "load_plugins": "registry", "setting": "rules"}
 __all__ = list(_API)
 
 

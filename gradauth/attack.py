@@ -67,6 +67,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn as nn
 
+from . import rundir
 from .checkpoint import load_model_file, rebuild
 from .config import ImportanceConfig
 from .data import Dataset
@@ -109,7 +110,7 @@ def best_schedule(out: Path, importance: str, mode: str, value: float) -> Schedu
     """The whole schedule (every knob but the seed) with the highest mean fine_acc over seeds for this lock in
     trials.parquet (any lock if none has it); ties go to the first in sorted knob order."""
     group = SCHEDULE_GROUP
-    t = read_trials(out / "trials.parquet", ["status", "importance", "lock_mode", "lock_value", "ft_epochs", "ft_lr",
+    t = read_trials(out / rundir.TRIALS, ["status", "importance", "lock_mode", "lock_value", "ft_epochs", "ft_lr",
                                              "fine_acc"])
     ok = fill_defaults(t[t["status"] == "ok"], Schedule)  # an older file without a newer knob: its default
     same = ok[(ok["importance"] == importance) & (ok["lock_mode"] == mode) & ((ok["lock_value"] - value).abs() < 1e-12)]
@@ -174,7 +175,7 @@ def targets(out: Path, cfg, ds: Dataset, compare: bool = True) -> tuple[list[Tar
     """The models the thief may start from, and what the public lock is."""
     pub = public_model(out)
     doc, masks, importance, choice = pub["doc"], pub["masks"], pub["importance"], pub["choice"]
-    base, spec, _ = rebuild(load_model_file(out / "base.pt"))
+    base, spec, _ = rebuild(load_model_file(out / rundir.BASE))
     mode, value = str(choice["lock_mode"]), float(choice["lock_value"])
     n = count_removed(masks)[0]
     found = _lock_targets("public", importance, mode, value, base, masks, ds)
@@ -276,10 +277,10 @@ def runs(tg: Target, best: Schedule, fractions, n_train: int, batch: int) -> lis
 def run_attack(out_dir: str | Path, fractions=FRACTIONS, seeds=(0,), compare: bool = True) -> pd.DataFrame:
     """`gradauth attack DIR`: DIR/attack.parquet and DIR/attack.md; returns the table."""
     from .data import load_dataset
-    from .pipeline import git_sha, read_config
+    from .rundir import git_sha, read_config
     out = Path(out_dir)
     cfg = read_config(out)
-    if not (out / "trials.parquet").is_file():
+    if not (out / rundir.TRIALS).is_file():
         raise GradauthError(f"{out / 'trials.parquet'} not found: run `gradauth sweep` (and `gradauth select`) first")
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad:
@@ -296,7 +297,7 @@ def run_attack(out_dir: str | Path, fractions=FRACTIONS, seeds=(0,), compare: bo
     for tg in found:
         twin = done.get(tg.signature) if tg.signature else None
         if twin is not None:  # same masks and init as a target already attacked: same runs, same numbers
-            rows += [r | _describe(tg) | {"same_masks_as": _label(twin[0]), "seconds": 0.0} for r in twin]
+            rows += [r | _describe(tg) | {"same_masks_as": attack_label(twin[0]), "seconds": 0.0} for r in twin]
             continue
         mine = []
         for f, sched, schedule, masks in runs(tg, best, fractions, len(ds.train), cfg.finetune.batch_size):
@@ -311,7 +312,7 @@ def run_attack(out_dir: str | Path, fractions=FRACTIONS, seeds=(0,), compare: bo
                     "recovered_top3": top3, "level_accs": level_accs,
                     "best_level_reached": min(reached) if reached else None, "same_masks_as": None,
                     "seconds": time.perf_counter() - t0, **prov})
-                print(f"[attack] {_label(mine[-1])} {f:.0%} {sched:6s} ({run.epochs} ep): {acc:.4f}", file=sys.stderr)
+                print(f"[attack] {attack_label(mine[-1])} {f:.0%} {sched:6s} ({run.epochs} ep): {acc:.4f}", file=sys.stderr)
         if tg.signature:
             done[tg.signature] = mine
         rows += mine
@@ -320,10 +321,10 @@ def run_attack(out_dir: str | Path, fractions=FRACTIONS, seeds=(0,), compare: bo
     head_starts(df, public.get("released_init", "zeros"))  # every fraction attacked from both, or refuse
     table = pa.Table.from_pandas(df, preserve_index=False)
     table = table.replace_schema_metadata((table.schema.metadata or {}) | {META_KEY: json.dumps(derived).encode()})
-    with atomic_path(out / "attack.parquet") as tmp:
+    with atomic_path(out / rundir.ATTACK) as tmp:
         pq.write_table(table, tmp)
     text = md_stamp(derived) + "\n" + report(df, public, best)
-    write_text(out / "attack.md", text)
+    write_text(out / rundir.ATTACK_MD, text)
     print(text)
     return df
 
@@ -335,8 +336,8 @@ MD_STAMP = "<!-- gradauth derived_from: "
 def derived_from(out: Path) -> dict:
     """sha256 of the files an attack of DIR is derived from (None for a file that is not there)."""
     sha = lambda p: file_sha256(p) if p.is_file() else None
-    return {"levels_sha256": sha(out / "levels.json"), "trials_sha256": sha(out / "trials.parquet"),
-            "manifest_sha256": sha(out / "release" / MANIFEST)}
+    return {"levels_sha256": sha(out / rundir.LEVELS), "trials_sha256": sha(out / rundir.TRIALS),
+            "manifest_sha256": sha(out / rundir.RELEASE / MANIFEST)}
 
 
 def md_stamp(derived: dict) -> str:
@@ -359,7 +360,7 @@ def _describe(tg: Target) -> dict:
             "filters": tg.filters, "thief_init": tg.thief_init, "prun_acc": tg.prun_acc}
 
 
-def _label(r) -> str:
+def attack_label(r) -> str:
     if r["target"] == "scratch":
         return "scratch (random init)"
     how = r["init"] + (", filters kept" if r["filters"] == "kept" else "") + (
@@ -392,7 +393,7 @@ def head_starts(df: pd.DataFrame, released_init: str = "zeros") -> list[dict]:
 def report(df: pd.DataFrame, public: dict, best: Schedule) -> str:
     """attack.md: one line per starting model, recovered accuracy per (thief's data, schedule), the level reached."""
     levels = sorted(public["levels"], key=lambda lv: int(lv["level"]))
-    df = df.assign(label=df.apply(_label, axis=1), column=[
+    df = df.assign(label=df.apply(attack_label, axis=1), column=[
         "owner, all data" if s == "owner" else f"{f:.0%} {s}" for f, s in zip(df["attacker_fraction"], df["schedule"])])
     columns = list(dict.fromkeys(df.sort_values(["attacker_fraction", "schedule"])["column"]))
     head = ["start from", "locked ch.", "acc before fine-tune", *columns]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -15,15 +14,12 @@ from pathlib import Path
 
 import torch
 
+from . import rundir
 from .errors import GradauthError
 from .fsutil import write_json
+from .machine import machine
 
 BENCHES = ("sweep", "slicing", "gpu", "search", "scale")
-
-
-def _machine() -> dict:
-    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def _tensor_pipeline_ips(model, ds, batch_size: int, epochs: int = 1) -> float:
@@ -91,7 +87,7 @@ def bench_sweep(out: Path, repeats: int = 2) -> dict:
     from .trial import grid
     cfg = load_config(Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml")
     ds = load_dataset(cfg.data, cfg.seed)
-    result = {"bench": "sweep", "machine": _machine(), "config": "sweeps/quickstart.yaml", "trials": len(grid(cfg))}
+    result = {"bench": "sweep", "machine": machine(), "config": "sweeps/quickstart.yaml", "trials": len(grid(cfg))}
     if os.getloadavg()[0] > 1.5:
         print(f"[bench] warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: other work skews "
               "the figures (the ratios are interleaved, absolute seconds are not)", file=sys.stderr)
@@ -206,7 +202,7 @@ def bench_scale(ns: tuple[int, ...] = SCALE_N, sample: int = 20) -> dict:
     from .sweep import ensure_ray, run_sequential, run_sweep
     from .trial import grid
     cpus = os.cpu_count() or 2
-    result = {"bench": "scale", "machine": _machine(), "trials": "quickstart ×1.0 width, 1 epoch, 5 % data",
+    result = {"bench": "scale", "machine": machine(), "trials": "quickstart ×1.0 width, 1 epoch, 5 % data",
               "load_average_start": os.getloadavg(), "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -233,11 +229,11 @@ def bench_scale(ns: tuple[int, ...] = SCALE_N, sample: int = 20) -> dict:
             io0, cpu0, t0, load0 = _proc_io(), time.process_time(), time.perf_counter(), os.getloadavg()
             df = run_sweep(cfg, ctx, out)
             wall, cpu, io1 = time.perf_counter() - t0, time.process_time() - cpu0, _proc_io()
-            storage, storage_files = _tree(out / "ray")
+            storage, storage_files = _tree(out / rundir.RAY)
             ray_logs = _tree(_ray_logs())[0] - logs0
-            state = sum(p.stat().st_size for p in (out / "ray" / "sweep").glob("experiment_state*.json"))
+            state = sum(p.stat().st_size for p in (out / rundir.RAY / rundir.EXPERIMENT).glob("experiment_state*.json"))
             out_bytes, out_files = _tree(out)
-            (out / "config.yaml").write_text(yaml_dump(cfg))
+            (out / rundir.CONFIG).write_text(yaml_dump(cfg))
             status_s = min(_timed(lambda: sweep_status(out)) for _ in range(3))
             counts = sweep_status(out)
             resume_s = _timed(lambda: run_sweep(cfg, ctx, out, resume=True))
@@ -302,9 +298,9 @@ def _seed_base(src: Path, dest: Path, cfg) -> None:
     """Start `dest` from the committed base model in `src` when it is this config's (same base_hash): both sides of
     the comparison fine-tune the same base, and nobody waits for it to be trained again."""
     dest.mkdir(parents=True, exist_ok=True)
-    info = src / "base.json"
-    if info.is_file() and (src / "base.pt").is_file() and json.loads(info.read_text()).get("base_hash") == cfg.base_hash():
-        for f in ("base.pt", "base.json"):
+    info = src / rundir.BASE_METRICS
+    if info.is_file() and (src / rundir.BASE).is_file() and json.loads(info.read_text()).get("base_hash") == cfg.base_hash():
+        for f in (rundir.BASE, rundir.BASE_METRICS):
             (dest / f).write_bytes((src / f).read_bytes())
 
 
@@ -326,7 +322,7 @@ def bench_search_pair(name: str, grid_cfg, targeted_cfg, work: Path, base_from: 
         _seed_base(base_from, g_dir, grid_cfg)
     info = train_stage(grid_cfg, g_dir, resume=True)
     t_dir.mkdir(parents=True, exist_ok=True)
-    for f in ("base.pt", "base.json"):
+    for f in (rundir.BASE, rundir.BASE_METRICS):
         (t_dir / f).write_bytes((g_dir / f).read_bytes())
     base_acc = float(info["base_acc"])
     sc = targeted_cfg.search
@@ -372,7 +368,7 @@ def bench_search(out: Path, only: list[str] | None = None) -> dict:
     from .config import load_config
     root = Path(__file__).resolve().parents[1]
     only = only or [n for n in os.environ.get("GRADAUTH_BENCH_ONLY", "").split(",") if n.strip()] or None
-    result = {"bench": "search", "machine": _machine(), "load_average_before": os.getloadavg(), "runs": {}}
+    result = {"bench": "search", "machine": machine(), "load_average_before": os.getloadavg(), "runs": {}}
     for name, g, t in SEARCH_PAIRS:
         if only and name not in only:
             continue
@@ -415,7 +411,7 @@ def run_bench(name: str, out: Path | None = None) -> Path:
             raise GradauthError("GRADAUTH_BENCH_SCALE_N: give trial counts like 100,1000") from None
         result = bench_scale(ns)
     else:
-        from .slicing import bench_slicing
+        from .slicing.bench import bench_slicing
         return bench_slicing(out)
     write_json(out, result)
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2), file=sys.stderr)

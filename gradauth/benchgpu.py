@@ -443,7 +443,7 @@ def bench_slicing_forward(s: dict, device: torch.device) -> dict:
 # ---- the command -----------------------------------------------------------------------------------------------
 
 def _git() -> str:
-    """The checkout's commit, "+dirty" if tracked files differ from it (pipeline.git_sha's answer, without
+    """The checkout's commit, "+dirty" if tracked files differ from it (rundir.git_sha's answer, without
     importing the pipeline and whatever it may come to import)."""
     here = Path(__file__).resolve().parent
     try:

@@ -12,7 +12,6 @@ carry it too, so any result can be explained from its own folder.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -21,9 +20,10 @@ import re
 import stat
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from .errors import GradauthError
+from .rules import Rule, opt, setting  # noqa: F401 (the field rules live in rules.py; re-exported here)
 
 SCOPES = ("all", "bn", "head")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -31,37 +31,6 @@ SCHEDULES = ("cosine", "step")
 LOCK_MODES = ("rate", "threshold")
 INT_MAX = 2**31 - 1              # any count beyond this is a typo (and would overflow torch's int64 index arithmetic)
 SEED_MAX = 2**32 - 1            # numpy's limit; trial generators multiply seeds, so keep them well inside int64
-
-
-@dataclass(frozen=True)
-class Rule:
-    """What one config field accepts. `parse_config` reads these; nothing else encodes a field's type or range."""
-    kind: str                       # int | float | bool | str | resources ({cpu, gpu} per trial) | settings (an importance
-                                    # criterion's own dataclass: its fields' rules check it, see _importance)
-    many: bool = False              # a list of `kind` (one bare value is read as a one-item list)
-    optional: bool = False          # null allowed (it means the default the field's comment describes)
-    lo: float | None = None         # range: lo ≤ v (lo < v with lo_open), v ≤ hi (v < hi with hi_open)
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-    choices: tuple | Callable[[], Iterable[str]] | None = None  # allowed strings, or a function returning them
-    check: Callable[[Any], str | None] | None = None  # further test of one value: what is wrong with it, or None
-    empty: str | None = None        # lists: refuse [] with this fix
-    unique: bool = False            # lists: no value twice (a grid value twice would run and count a trial twice)
-
-    def choice_list(self) -> tuple:
-        return tuple(self.choices() if callable(self.choices) else self.choices)
-
-
-def opt(default, kind: str, **rule) -> Any:
-    """A dataclass field with its `Rule` as metadata (lists and mappings get a fresh copy per instance)."""
-    meta = {"rule": Rule(kind, **rule)}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-setting = opt  # exported as gradauth.setting: a field of an importance criterion's settings dataclass
 
 
 def _registered(kind: str) -> Callable[[], tuple]:
@@ -72,7 +41,7 @@ def _registered(kind: str) -> Callable[[], tuple]:
 
 
 def _arch_problem(arch: str) -> str | None:
-    from .models import arch_problem  # torch is imported only when a config names an arch
+    from .registry import arch_problem  # torch is imported only when a config names an arch
     return arch_problem(arch)
 
 

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn as nn
 
+from . import rundir
 from .errors import GradauthError
 from .fsutil import atomic_path, write_text
 
@@ -216,10 +217,10 @@ def slice_features(model: nn.Module, prof: torch.Tensor, x: torch.Tensor, theta:
     """(per-input slice vectors, predicted classes) of normalised inputs x; on Ray when one is initialised."""
     from .slicing.graph import Plan
     from .slicing.record import batches, forward_stats, profile
-    from .slicing.stage import _ray_running
+    from .slicing.stage import ray_running
     from .slicing.vectorized import BLOCK
     plan = Plan(model)
-    if _ray_running():
+    if ray_running():
         return _slice_features_ray(model, prof, x, theta, features, batch)
     means = profile(plan, prof, batch)
     out = [_slice_batch(plan, forward_stats(plan, means, xb, theta), theta, features, BLOCK)
@@ -370,9 +371,9 @@ def detect(cfg, out: Path, settings: Settings, ds=None, model: nn.Module | None 
     spec = None
     if model is None:
         from .checkpoint import load_model_file, rebuild
-        if not (out / "base.pt").is_file():
+        if not (out / rundir.BASE).is_file():
             raise GradauthError(f"{out / 'base.pt'} not found: run `gradauth train CONFIG` first, then detect")
-        model, spec, _ = rebuild(load_model_file(out / "base.pt"))
+        model, spec, _ = rebuild(load_model_file(out / rundir.BASE))
     model = model.cpu().eval()
     ds = ds or load_dataset(cfg.data, cfg.seed)
     if spec is not None and (ds.num_classes, ds.in_channels) != (spec.num_classes, spec.in_channels):
@@ -428,7 +429,7 @@ def _label(r) -> str:
 
 def _report(out: Path, df, s: Settings, n_normal: int, fit_s: float) -> None:
     from matplotlib.figure import Figure
-    plots = out / "plots"
+    plots = out / rundir.PLOTS
     plots.mkdir(exist_ok=True)
     fig = Figure(figsize=(10, 4.5))
     ax = fig.subplots()

@@ -7,11 +7,13 @@ registration (`register_model`, see registry.py): an exact name, or a prefix wit
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 
 from .errors import GradauthError
-from .registry import register_model
+from .registry import arch_problem, register_model  # noqa: F401 (arch_problem lives in registry; re-exported)
 
 VGG_CFGS = {
     "vgg_tiny": [16, 16, "M", 32, 32, "M", 64],  # the digits quickstart (8×8 inputs)
@@ -160,26 +162,28 @@ def _depth(arch: str, prefix: str) -> int | None:
     return int(tail) if tail.isdigit() else None
 
 
-def _resnet_problem(arch: str) -> str | None:
-    depth = _depth(arch, "resnet")
-    if depth is not None and (depth in WIDE_RESNETS or (depth >= 8 and (depth - 2) % 6 == 0)):
-        return None
-    return f"{arch!r}: CIFAR ResNet depth must be 6n+2 (20, 56, 110) or 10/18/34"
+def _depth_problem(arch: str, prefix: str, ok, why: str) -> str | None:
+    """A `<prefix><depth>` arch's check: None if `ok(depth)`, else what is wrong."""
+    depth = _depth(arch, prefix)
+    return None if depth is not None and ok(depth) else f"{arch!r}: {why}"
 
 
-@register_model("resnet", prefix=True, check=_resnet_problem, shown="resnet<depth>", _builtin=True)
+def _resnet_depth_ok(depth: int) -> bool:
+    return depth in WIDE_RESNETS or (depth >= 8 and (depth - 2) % 6 == 0)
+
+
+def _densenet_depth_ok(depth: int) -> bool:
+    return depth >= 7 and (depth - 4) % 3 == 0
+
+
+@register_model("resnet", prefix=True, shown="resnet<depth>", _builtin=True, check=partial(
+    _depth_problem, prefix="resnet", ok=_resnet_depth_ok, why="CIFAR ResNet depth must be 6n+2 (20, 56, 110) or 10/18/34"))
 def _resnet(arch: str, num_classes: int, in_channels: int = 3, width: float = 1.0) -> nn.Module:
     return ResNet(int(arch[6:]), num_classes, in_channels, width)
 
 
-def _densenet_problem(arch: str) -> str | None:
-    depth = _depth(arch, "densenet")
-    if depth is not None and depth >= 7 and (depth - 4) % 3 == 0:
-        return None
-    return f"{arch!r}: DenseNet depth must be 3n+4 with n ≥ 1 (e.g. 40)"
-
-
-@register_model("densenet", prefix=True, check=_densenet_problem, shown="densenet<depth>", _builtin=True)
+@register_model("densenet", prefix=True, shown="densenet<depth>", _builtin=True, check=partial(
+    _depth_problem, prefix="densenet", ok=_densenet_depth_ok, why="DenseNet depth must be 3n+4 with n ≥ 1 (e.g. 40)"))
 def _densenet(arch: str, num_classes: int, in_channels: int = 3, width: float = 1.0) -> nn.Module:
     return DenseNet(int(arch[8:]), num_classes, in_channels, width)
 
@@ -198,15 +202,6 @@ def _torchvision(arch: str, num_classes: int, in_channels: int = 3, width: float
     if in_channels != 3:
         raise GradauthError(f"torchvision models take 3-channel images; {arch} cannot read {in_channels}-channel data")
     return torchvision.models.get_model(arch.split(":", 1)[1], weights=None, num_classes=num_classes)
-
-
-def arch_problem(arch: str) -> str | None:
-    """Why `build_model` would refuse `arch` (with the fix), or None: the config check, without building anything."""
-    from .registry import hint, model, names
-    entry = model(arch)
-    if entry is None:
-        return f"{arch!r} is not a known model.arch: choose one of {', '.join(names('model'))} (or register yours: {hint()})"
-    return entry.check(arch) if entry.check else None
 
 
 def build_model(arch: str, num_classes: int, in_channels: int = 3, width: float = 1.0) -> nn.Module:

@@ -7,62 +7,21 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+from . import rundir
 from .checkpoint import load_model_file, rebuild, save_model
-from .config import Config, dump_config, load_config, parse_config
+from .config import Config, load_config, parse_config
 from .data import Dataset, check_config_against, load_dataset
 from .engine import evaluate, pick_device
 from .errors import GradauthError
-from .fsutil import write_json, write_text
+from .fsutil import write_json
 from .importance import get_importance
 from .runlock import check_output_space, run_lock
+from .rundir import (CHECKPOINT, RUNS, git_sha, lock_bound, out_dir_for, read_config,  # noqa: F401 (re-exported)
+                     write_config)
 from .trial import TrialContext
-
-CHECKPOINT = "base.ckpt"  # base training's per-epoch checkpoint (train.py), removed once base.pt is written
-
-
-RUNS = Path("runs")  # where a run writes unless --out says otherwise (gitignored; results/ holds committed references)
-
-
-def out_dir_for(cfg: Config, out: str | None) -> Path:
-    return Path(out) if out else RUNS / cfg.name
-
-
-def git_sha() -> str:
-    """The commit the code came from: $GRADAUTH_GIT_SHA if set, else asked of git, else "unknown".
-
-    A `ray job submit --working-dir .` job runs from an uploaded copy without .git, so the submitter passes the sha
-    along: `--runtime-env-json '{"env_vars": {"GRADAUTH_GIT_SHA": "'$(git rev-parse --short=12 HEAD)'"}}'`."""
-    if os.environ.get("GRADAUTH_GIT_SHA", "").strip():
-        return os.environ["GRADAUTH_GIT_SHA"].strip()
-    try:
-        here = Path(__file__).resolve().parent
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def write_config(cfg: Config, out: Path) -> None:
-    write_text(out / "config.yaml", dump_config(cfg))
-
-
-def read_config(out: Path) -> Config:
-    path = out / "config.yaml"
-    if not path.is_file():
-        raise GradauthError(f"{out} holds no config.yaml: is it an output dir of `gradauth run` / `gradauth train`?")
-    return load_config(path)
-
-
-def lock_bound(cfg: Config, num_classes: int) -> float:
-    return cfg.sweep.lock_bound if cfg.sweep.lock_bound is not None else 1.0 / num_classes + 0.1
-
 
 def model_bytes(cfg: Config, num_classes: int, in_channels: int) -> int:
     """Bytes of the model's state dict (built on the meta device: nothing allocated)."""
@@ -108,8 +67,8 @@ def train_stage(cfg: Config, out: Path, ds: Dataset | None = None, resume: bool 
 
     Checkpoints every epoch to base.ckpt; `resume=True` continues from it when it belongs to this config."""
     from .train import model_spec, train_base
-    if resume and (out / "base.pt").is_file() and (out / "base.json").is_file():
-        info = json.loads((out / "base.json").read_text())
+    if resume and (out / rundir.BASE).is_file() and (out / rundir.BASE_METRICS).is_file():
+        info = json.loads((out / rundir.BASE_METRICS).read_text())
         if info.get("base_hash", info.get("config_hash")) in (cfg.base_hash(), cfg.hash()):
             print(f"[train] {out / 'base.pt'} is up to date (same seed, data, model, train), skipped", file=sys.stderr)
             return info
@@ -125,8 +84,8 @@ def train_stage(cfg: Config, out: Path, ds: Dataset | None = None, resume: bool 
         model, info = train_base(cfg, ds.to(device), device, checkpoint=ckpt, resume=resume)
         info |= {"config_hash": cfg.hash(), "base_hash": cfg.base_hash(), "git_sha": git_sha()}
         write_config(cfg, out)
-        save_model(out / "base.pt", model.cpu(), model_spec(cfg, ds), extra={"config": cfg.to_dict()})
-        write_json(out / "base.json", info)
+        save_model(out / rundir.BASE, model.cpu(), model_spec(cfg, ds), extra={"config": cfg.to_dict()})
+        write_json(out / rundir.BASE_METRICS, info)
         ckpt.unlink(missing_ok=True)  # base.pt holds everything it had
     print(f"[train] base accuracy {info['base_acc']:.4f} (top-3 {info['base_top3']:.4f}) in {info['seconds']:.0f} s",
           file=sys.stderr)
@@ -135,10 +94,10 @@ def train_stage(cfg: Config, out: Path, ds: Dataset | None = None, resume: bool 
 
 def trial_context(cfg: Config, out: Path, ds: Dataset | None = None) -> TrialContext:
     """What every trial shares: base weights, importance scores (computed once), the dataset."""
-    if not (out / "base.pt").is_file():
+    if not (out / rundir.BASE).is_file():
         raise GradauthError(f"{out / 'base.pt'} not found: run `gradauth train CONFIG` (or `gradauth run CONFIG`) first")
-    model, spec, _ = rebuild(load_model_file(out / "base.pt"))
-    info = json.loads((out / "base.json").read_text())
+    model, spec, _ = rebuild(load_model_file(out / rundir.BASE))
+    info = json.loads((out / rundir.BASE_METRICS).read_text())
     ds = ds or load_dataset(cfg.data, cfg.seed)
     scores = {}
     for imp in cfg.importance:
@@ -152,8 +111,8 @@ def trial_context(cfg: Config, out: Path, ds: Dataset | None = None) -> TrialCon
 def sweep_stage(cfg: Config, out: Path, resume: bool = False, ds: Dataset | None = None):
     from .sweep import run_sweep
     with run_lock(out, "sweep"):
-        if (out / "base.pt").is_file():  # before the importance scores, which can take a while
-            spec = load_model_file(out / "base.pt")["spec"]
+        if (out / rundir.BASE).is_file():  # before the importance scores, which can take a while
+            spec = load_model_file(out / rundir.BASE)["spec"]
             check_output_space(out, space_needed(cfg, spec["num_classes"], spec["in_channels"], ("sweep",)),
                                "the sweep")
             storage = cfg.sweep.storage
@@ -176,7 +135,7 @@ def select_stage(out: Path, **overrides):
     max_locked_acc chance (1 / num_classes from the table) + 0.1, the folder's name as the experiment."""
     from .select import select_dir
     with run_lock(out, "select", create=False):
-        if (out / "config.yaml").is_file() or not (out / "trials.parquet").is_file():
+        if (out / rundir.CONFIG).is_file() or not (out / rundir.TRIALS).is_file():
             cfg = read_config(out)
             defaults = {k: v for k, v in vars(cfg.select).items() if v is not None} | {"experiment": cfg.name}
         else:
@@ -189,10 +148,10 @@ def select_stage(out: Path, **overrides):
 def slice_stage(cfg: Config, out: Path) -> Path:
     """NNSlicer contributions of the base model's channels → slices.parquet."""
     from .slicing import run_slice
-    if not (out / "base.pt").is_file():
+    if not (out / rundir.BASE).is_file():
         raise GradauthError(f"{out / 'base.pt'} not found: run `gradauth train CONFIG` first, then slice it")
     with run_lock(out, "slice"):
-        model, _, _ = rebuild(load_model_file(out / "base.pt"))
+        model, _, _ = rebuild(load_model_file(out / rundir.BASE))
         path = run_slice(cfg, out, model, load_dataset(cfg.data, cfg.seed))
     print(f"[slice] → {path}", file=sys.stderr)
     return path

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import GradauthError
+from .rules import Rule
 
 KINDS = ("importance", "dataset", "model")
 ENV = "GRADAUTH_PLUGINS"
@@ -141,7 +142,6 @@ def _check_settings(name: str, settings: type | None) -> None:
     if not dataclasses.is_dataclass(settings) or not isinstance(settings, type):
         raise GradauthError(f"importance {name!r}: settings must be a dataclass (its fields made with "
                             f"gradauth.setting(default, kind, ...)), got {settings!r}")
-    from .config import Rule
     bare = [f.name for f in dataclasses.fields(settings) if not isinstance(f.metadata.get("rule"), Rule)]
     if bare:
         raise GradauthError(f"importance {name!r}: settings field(s) {', '.join(bare)} carry no rule: declare each "
@@ -221,6 +221,15 @@ def hint() -> str:
 
 
 # ---- plugins -------------------------------------------------------------------------------------------------
+
+
+def arch_problem(arch: str) -> str | None:
+    """Why `build_model` would refuse `arch` (with the fix), or None: the config check, without building anything."""
+    entry = model(arch)
+    if entry is None:
+        return f"{arch!r} is not a known model.arch: choose one of {', '.join(names('model'))} (or register yours: {hint()})"
+    return entry.check(arch) if entry.check else None
+
 
 def _ensure(kind: str, plugins: bool = True) -> None:
     if kind not in _BUILTINS_DONE:

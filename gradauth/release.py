@@ -72,6 +72,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
+from . import rundir
 from .checkpoint import from_bytes, load_model_file, rebuild, to_bytes
 from .compact import compact
 from .errors import GradauthError
@@ -86,8 +87,8 @@ KEY_BYTES = 32
 LOCKED = "locked.pt"
 MANIFEST = "manifest.json"
 OWNER_KEYS = "owner-keys.json"
-RELEASE = "release"             # DIR/release/: what is published
-KEYS = "keys"                   # DIR/keys/ (0700): the owner's keys, never published
+RELEASE = rundir.RELEASE             # DIR/release/: what is published
+KEYS = rundir.KEYS                   # DIR/keys/ (0700): the owner's keys, never published
 ARCHIVE = "archive"             # DIR/keys/archive/<release id>/: replaced releases and their keys
 PUBLIC_MODE = 0o644             # what is published is world-readable; owner-keys.json is 0600
 SECRET_DIR_MODE = 0o700
@@ -264,14 +265,14 @@ RELEASE_TRIAL_COLUMNS = ["trial_id", "status", "fine_acc", "importance", "lock_m
 def read_levels(out: Path, trials=None) -> dict:
     """DIR/levels.json through schema.read_levels (validated; with `trials`, its trial ids checked against them)."""
     from .schema import read_levels as read
-    return read(out / "levels.json", trials)
+    return read(out / rundir.LEVELS, trials)
 
 
 def chosen_trials(out: Path, doc: dict, trials=None):
     """Per level, the ok seed trial whose fine_acc is nearest the level's mean (ties: first trial id)."""
     from .schema import read_trials
     if trials is None:
-        trials = read_trials(out / "trials.parquet", RELEASE_TRIAL_COLUMNS)
+        trials = read_trials(out / rundir.TRIALS, RELEASE_TRIAL_COLUMNS)
     chosen = []
     for lv in doc["levels"]:
         rows = trials[trials["trial_id"].isin(lv["trial_ids"]) & (trials["status"] == "ok")].sort_values("trial_id")
@@ -281,7 +282,7 @@ def chosen_trials(out: Path, doc: dict, trials=None):
         # The mean of the seeds themselves (levels.json rounds it to 6 digits, which would break two-seed ties).
         dist = (rows["fine_acc"] - rows["fine_acc"].mean()).abs().round(9)
         row = rows.loc[dist.idxmin()]  # idxmin takes the first minimum, and rows are in trial_id order
-        path = out / "models" / f"{row['trial_id']}.pt"
+        path = rundir.model_path(out, row['trial_id'])
         if not path.is_file():
             raise GradauthError(f"{path} not found: the sweep keeps every ok trial's model; re-run `gradauth sweep`")
         chosen.append((lv, row, path))
@@ -304,13 +305,13 @@ def public_model(out: Path, doc: dict | None = None) -> dict:
     `lock_mode`/`lock_value` of the lock). trials.parquet and levels.json are validated (schema.py), and a
     levels.json selected from another version of trials.parquet (it records the sha256 of the one it came from) is
     refused."""
-    from .pipeline import lock_bound, read_config
+    from .rundir import lock_bound, read_config
     from .schema import check_levels_current, read_trials
-    trials = read_trials(out / "trials.parquet", RELEASE_TRIAL_COLUMNS + ["num_classes", "prun_acc", "ft_epochs",
+    trials = read_trials(out / rundir.TRIALS, RELEASE_TRIAL_COLUMNS + ["num_classes", "prun_acc", "ft_epochs",
                                                                           "ft_lr", "ft_data_fraction", "ft_scope"])
     if doc is None:
         doc = read_levels(out, trials)
-        check_levels_current(doc, out / "levels.json", out / "trials.parquet")
+        check_levels_current(doc, out / rundir.LEVELS, out / rundir.TRIALS)
     chosen = chosen_trials(out, doc, trials)
     classes = pd.to_numeric(trials["num_classes"]).dropna().unique()
     bound = lock_bound(read_config(out), int(classes[0])) if len(classes) == 1 else None
@@ -372,14 +373,14 @@ def _thief_lock_masks(out: Path, choice: dict) -> Masks:
     they do not lock as many channels as the thief trials recorded (base.pt is not the sweep's)."""
     from .data import load_dataset
     from .importance import get_importance
-    from .pipeline import read_config
+    from .rundir import read_config
     from .prune import lock_masks
     cfg = read_config(out)
     imp = next((i for i in cfg.importance if i.label == choice["importance"]), None)
     if imp is None:
         raise GradauthError(f"the thief trials' lock uses importance {choice['importance']!r}, which config.yaml does "
                             f"not define: re-run the sweep with this config")
-    base, _, _ = rebuild(load_model_file(out / "base.pt"))
+    base, _, _ = rebuild(load_model_file(out / rundir.BASE))
     ds = load_dataset(cfg.data, cfg.seed)  # a criterion may read the data (slice, plugins)
     masks = lock_masks(get_importance(imp)(base, ds), choice["lock_mode"], choice["lock_value"])
     n = count_removed(masks)[0]
@@ -419,7 +420,7 @@ def build_release(out: Path) -> tuple[dict, dict[str, bytes], dict[int, bytes]]:
     """Everything `release_dir` writes, in memory: (manifest, {file name: bytes}, {level: key})."""
     from .data import load_dataset
     from .engine import evaluate
-    from .pipeline import git_sha, lock_bound, read_config
+    from .rundir import git_sha, lock_bound, read_config
     cfg = read_config(out)
     pub = public_model(out)
     doc, chosen, masks, importance, choice = pub["doc"], pub["chosen"], pub["masks"], pub["importance"], pub["choice"]
@@ -427,7 +428,7 @@ def build_release(out: Path) -> tuple[dict, dict[str, bytes], dict[int, bytes]]:
     ds = load_dataset(cfg.data, cfg.seed)
     bound = lock_bound(cfg, ds.num_classes)
     noise_seed = secrets.randbits(63) if cfg.release.noise_init else None  # secret: a known seed would show the lock
-    base, spec, _ = rebuild(load_model_file(out / "base.pt"))
+    base, spec, _ = rebuild(load_model_file(out / rundir.BASE))
     public = locked_copy(base, masks, noise_seed)
     acc, top3 = evaluate(public, ds, ds.test)
     if acc > bound:

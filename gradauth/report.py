@@ -22,6 +22,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
+from . import rundir
 from .errors import GradauthError
 from .fsutil import atomic_path, write_text
 from .schema import STATUSES, file_sha256, read_levels, thief_rows
@@ -45,33 +46,34 @@ REASONS = {"unlockable": "status unlockable (locked accuracy above sweep.lock_bo
 def write_report(out_dir: str | os.PathLike) -> Path:
     """Write DIR/report.md and DIR/plots/*.png; return the report's path. Inputs are all validated first."""
     out = Path(out_dir)
-    trials = load_trials(out / "trials.parquet", REPORT_COLUMNS)
+    trials = load_trials(out / rundir.TRIALS, REPORT_COLUMNS)
     trials = fill_defaults(fill_defaults(trials, LockSpec), Schedule).sort_values([*GROUP, "seed"], kind="stable")
     sel, levels_note = _current_levels(out, trials)
     attack, attack_note = _read_attack(out, sel)
-    slices = _read_parquet(out / "slices.parquet") if (out / "slices.parquet").is_file() else None
+    slices = _read_parquet(out / rundir.SLICES) if (out / rundir.SLICES).is_file() else None
     # ---- nothing is written above this line ----
     chance = 1 / trials["num_classes"].iloc[0]
-    bound = (sel or {}).get("settings", {}).get("max_locked_acc") or chance + 0.1
+    default = rundir.chance_bound(trials["num_classes"].iloc[0])
+    bound = (sel or {}).get("settings", {}).get("max_locked_acc") or default
     is_thief = thief_rows(trials)
     thieves, trials_l = thief_table(trials[is_thief]), trials[~is_thief]
     if trials_l.empty:
         raise GradauthError(f"{out / 'trials.parquet'} holds only thief trials: run the sweep's level trials first")
-    made = _plots(out / "plots", trials_l, sel, chance, bound)
-    made += _thief_plot(out / "plots", thieves, sel, chance)
+    made = _plots(out / rundir.PLOTS, trials_l, sel, chance, bound)
+    made += _thief_plot(out / rundir.PLOTS, thieves, sel, chance)
     md = [*_header(out, trials, sel, chance), *_levels_section(sel, levels_note), *_rejected_section(sel),
           *_thief_section(thieves, sel, made), *_plots_section(made), *_importance_section(trials_l, bound, made),
-          *_attack_section(attack, attack_note, out / "plots", sel), *_slices_section(slices),
+          *_attack_section(attack, attack_note, out / rundir.PLOTS, sel), *_slices_section(slices),
           *_trials_section(trials)]
-    return write_text(out / "report.md", "\n".join(md) + "\n")
+    return write_text(out / rundir.REPORT, "\n".join(md) + "\n")
 
 
 def _current_levels(out: Path, trials: pd.DataFrame) -> tuple[dict | None, str | None]:
     """(levels.json if it was selected from this trials.parquet, else None; the stale line if it is not)."""
-    sel = read_levels(out / "levels.json", trials, required=False)
+    sel = read_levels(out / rundir.LEVELS, trials, required=False)
     if sel is None:
         return None, None
-    if sel.get("trials_sha256") != file_sha256(out / "trials.parquet"):
+    if sel.get("trials_sha256") != file_sha256(out / rundir.TRIALS):
         why = "records no trials_sha256 (an older levels.json)" if "trials_sha256" not in sel else \
             "was selected from another version of trials.parquet"
         return None, (f"levels.json is stale: it {why}; run `gradauth select {out}` (then `gradauth release`, "
@@ -83,7 +85,7 @@ def _read_attack(out: Path, sel: dict | None) -> tuple[tuple | None, str | None]
     """((attack table, attack.md body) if present and derived from the current levels and release, None otherwise;
     the stale line if present but not current). A damaged attack file is refused, whatever its age."""
     from .attack import MD_STAMP, derived_from, md_stamp, read_derived
-    path, md = out / "attack.parquet", out / "attack.md"
+    path, md = out / rundir.ATTACK, out / rundir.ATTACK_MD
     if not path.is_file():
         return None, None
     df = _read_parquet(path)
@@ -405,9 +407,9 @@ def _attack_section(attack: tuple | None, note: str | None, plots: Path, sel: di
 
 def _attack_plot(df: pd.DataFrame, sel: dict | None) -> Figure:
     """Recovered top-1 vs the thief's share of the training data: one panel per thief schedule, a line per form."""
-    from .attack import _label
+    from .attack import attack_label
     thief = df[(df["schedule"] != "owner") & df["target"].isin(["public", "scratch"])]
-    thief = thief.assign(label=thief.apply(_label, axis=1))
+    thief = thief.assign(label=thief.apply(attack_label, axis=1))
     labels = list(dict.fromkeys(thief["label"]))
     scheds = list(dict.fromkeys(thief["schedule"])) or ["best"]
     colors = {lb: f"C{i % 10}" for i, lb in enumerate(labels)}

@@ -21,14 +21,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import rundir
 from .errors import GradauthError
 from .fsutil import atomic_path, write_text
 from .schema import WRITTEN_COLUMNS
 
 TRIALS_SCHEMA = pa.schema(list(WRITTEN_COLUMNS.items()))  # the contract (schema.py) and the sweep's `phase` column
-PARTS = "trials.d"
+PARTS = rundir.PARTS
 KEPT = "kept.parquet"        # in PARTS: the rows a `--resume` started with (from trials.parquet and earlier parts)
-PROGRESS = "progress.json"
+PROGRESS = rundir.PROGRESS
 CHUNK = 100  # every CHUNK row parts become one chunk file: a reader opens at most N / CHUNK + CHUNK files
 STATES = ("pending", "running", "ok", "unlockable", "degenerate", "failed")
 FINISHED = {"ok": "ok", "unlockable": "unlockable", "degenerate": "degenerate", "error": "failed"}  # row status → state
@@ -126,7 +127,7 @@ class SweepLog:
         if tid in self.rows:
             return False
         if model_bytes is not None:
-            with atomic_path(self.out / "models" / f"{tid}.pt") as tmp:
+            with atomic_path(rundir.model_path(self.out, tid)) as tmp:
                 tmp.write_bytes(model_bytes)
         write_trials([row], part_path(self.out, tid))
         self.rows[tid] = row
@@ -164,7 +165,7 @@ class SweepLog:
         for r in extra:
             self.rows.setdefault(r["trial_id"], r)
             self.state[r["trial_id"]] = FINISHED.get(r["status"], "failed")
-        df = write_trials(list(self.rows.values()), self.out / "trials.parquet")
+        df = write_trials(list(self.rows.values()), self.out / rundir.TRIALS)
         self._dirty = True
         self.flush(force=True)
         shutil.rmtree(self.out / PARTS, ignore_errors=True)

@@ -22,9 +22,10 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from . import rundir
 from .errors import GradauthError
 
-LOCK_NAME = ".gradauth.lock"
+LOCK_NAME = rundir.LOCK
 _held: dict[str, list] = {}  # realpath of the lock file → [fd, depth], for re-entry within this process
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import rundir
 from .errors import GradauthError
 from .fsutil import write_json
 from .knobs import LockSpec, Schedule, column_kinds, columns, fill_defaults, from_row, lock_label, schedule_dict
@@ -213,7 +214,7 @@ def _check_settings(df, levels, min_gap, max_locked_acc, targets) -> float:
         if len(classes) != 1:
             raise GradauthError(f"the trials mix num_classes {sorted(classes)}: select from one experiment's "
                                 f"trials.parquet, or pass --max-locked-acc")
-        max_locked_acc = 1 / classes[0] + 0.1
+        max_locked_acc = rundir.chance_bound(classes[0])
     if not 0 <= max_locked_acc <= 1:
         raise GradauthError(f"max_locked_acc must be in [0, 1], got {max_locked_acc!r}: pass e.g. --max-locked-acc 0.2")
     return float(max_locked_acc)
@@ -439,7 +440,7 @@ def select_dir(out_dir: str | os.PathLike, levels: int | None = None, min_gap: f
     """`gradauth select DIR`: explicit arguments win over `defaults` (the config's select section, plus
     `experiment`), which win over the built-ins. Writes DIR/levels.json atomically and prints the table."""
     out_dir, d = Path(out_dir), defaults or {}
-    path = out_dir / "trials.parquet"
+    path = out_dir / rundir.TRIALS
     trials = load_trials(path)
     digest = file_sha256(path)
     if levels is None:  # explicit targets say how many levels they want
@@ -449,7 +450,7 @@ def select_dir(out_dir: str | os.PathLike, levels: int | None = None, min_gap: f
     max_locked_acc = max_locked_acc if max_locked_acc is not None else d.get("max_locked_acc")
     selection = select_levels(trials, levels, min_gap, max_locked_acc, targets)
     doc = selection.to_json(d.get("experiment") or out_dir.resolve().name) | {"trials_sha256": digest}
-    write_json(out_dir / "levels.json", doc)
+    write_json(out_dir / rundir.LEVELS, doc)
     print(format_table(selection))
     return selection
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import rundir
 from .errors import GradauthError
 from .schema import OPTIONAL
 from .rows import FINISHED, PARTS, TRIALS_SCHEMA, read_parts, read_progress
@@ -24,14 +25,14 @@ def _grid_size(cfg) -> int:
 def sweep_status(out: Path) -> dict:
     from .config import load_progress_view
     from .select import load_trials
-    if not (out / "config.yaml").is_file():
+    if not (out / rundir.CONFIG).is_file():
         raise GradauthError(f"{out} holds no config.yaml: is it an output dir of `gradauth run` / `gradauth sweep`?")
-    cfg = load_progress_view(out / "config.yaml")  # no registries: no torch, and no plugins needed to look
+    cfg = load_progress_view(out / rundir.CONFIG)  # no registries: no torch, and no plugins needed to look
     progress = read_progress(out)
     if (out / PARTS).is_dir():
         rows = read_parts(out)
-    elif (out / "trials.parquet").is_file():
-        rows = load_trials(out / "trials.parquet", [c for c in TRIALS_SCHEMA.names if c not in OPTIONAL])
+    elif (out / rundir.TRIALS).is_file():
+        rows = load_trials(out / rundir.TRIALS, [c for c in TRIALS_SCHEMA.names if c not in OPTIONAL])
     else:
         rows = pd.DataFrame(columns=TRIALS_SCHEMA.names)
     states = dict(progress["trials"]) if progress else {}
@@ -57,7 +58,7 @@ def sweep_status(out: Path) -> dict:
             "updated": progress.get("updated") if progress else None, "select": cfg.select}
 
 
-SEARCH_FILE = "search.json"  # sweep.SEARCH_FILE (not imported: sweep.py imports torch)
+SEARCH_FILE = rundir.SEARCH
 
 
 def read_search(out: Path) -> dict | None:

@@ -21,14 +21,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from . import rundir
 from . import registry
-from .checkpoint import from_bytes, to_bytes
+from .checkpoint import to_bytes
 from .config import Config
 from .engine import pick_device
 from .errors import GradauthError
-from .fsutil import atomic_path, write_json
+from .fsutil import write_json
 from .rows import TRIALS_SCHEMA, SweepLog, read_parts, write_trials  # noqa: F401 (write_trials re-exported)
-from .trial import TrialContext, TrialSpec, base_row, grid, run_trial
+from .trial import TrialContext, TrialSpec, grid, run_trial
 
 _DEVICE_DATA: dict = {}  # per worker process: the dataset already on this actor's device, reused across trials
 
@@ -131,15 +132,6 @@ def _search_trainable(config: dict, ctx: TrialContext, threads: int, gpu_fractio
     _report(result | {"trial_id": name, "row_complete": True}, model_bytes=data)
 
 
-def trial_ident(config: dict) -> tuple[str, str] | None:
-    """(trial_id, phase) of a Tune trial's config (grid point or searcher config); None for a lock-curve task,
-    which is no trial row (its points go to DIR/search.json)."""
-    if "phase" in config:
-        from .search import trial_name
-        return None if config["phase"] == "curve" else (trial_name(config), config["phase"])
-    return TrialSpec(**config["trial"]).trial_id, "grid"
-
-
 def _trial_name(trial) -> str:
     if "phase" in trial.config:
         from .search import trial_name
@@ -230,49 +222,11 @@ def trial_resources(requested: dict, started_here: bool, cluster: dict) -> dict:
     return {"cpu": cpu, "gpu": gpu}
 
 
-def _failed_row(ctx: TrialContext, t: TrialSpec, error, ident: tuple[str, str] | None = None) -> dict:
-    tid, phase = ident or (t.trial_id, "grid")
-    why = str(error).strip().splitlines()[-1][:200] if error else "did not finish"
-    print(f"[sweep] trial {tid} failed: {why}", file=sys.stderr)
-    return base_row(ctx, t) | {"status": "error", "trial_id": tid, "phase": phase}
-
-
-def _finished_row(t: TrialSpec, metrics: dict, checkpoint,
-                  ident: tuple[str, str] | None = None) -> tuple[dict, bytes | None]:
-    """(row, model file bytes) of a trial that reported its row; the model comes from its final checkpoint and is
-    refused unless it is a plain gradauth model file (a thief trial keeps no model)."""
-    tid, phase = ident or (t.trial_id, "grid")
-    # Tune fills in its own `trial_id` metric: ours is derived from the grid point, which also keeps it stable.
-    row = {k: metrics.get(k) for k in TRIALS_SCHEMA.names} | {"trial_id": tid, "phase": phase}
-    data = None
-    if row["status"] == "ok" and phase != "thief":
-        if checkpoint is None:
-            raise GradauthError(f"trial {tid} finished without its model checkpoint")
-        with checkpoint.as_directory() as d:
-            data = (Path(d) / "model.pt").read_bytes()
-        from_bytes(data, f"checkpoint of {tid}")  # refuse anything that is not a plain model file
-    return row, data
-
-
-def _row_from_result(result, ctx: TrialContext, models_dir: Path) -> dict:
-    """A row from Tune's result grid, for a grid point whose row the callback did not see (a restored experiment
-    that had already finished it, e.g. on a new head node whose output folder was lost)."""
-    t, ident = TrialSpec(**result.config["trial"]), trial_ident(result.config)
-    m = result.metrics or {}
-    if result.error is not None or not m.get("row_complete"):
-        return _failed_row(ctx, t, result.error, ident)
-    row, data = _finished_row(t, m, result.checkpoint, ident)
-    if data is not None:
-        with atomic_path(models_dir / f"{ident[0]}.pt") as tmp:
-            tmp.write_bytes(data)
-    return row
-
-
 def _done_rows(out_dir: Path, specs: list[TrialSpec]) -> dict[str, dict]:
     """Rows that `--resume` keeps: grid points already finished, from trials.parquet and from the row parts a
     killed driver left in trials.d (newer): an `ok` one with its model file, an `unlockable` or `degenerate` one."""
     rows = []
-    path = out_dir / "trials.parquet"
+    path = out_dir / rundir.TRIALS
     if path.is_file():
         rows += pd.read_parquet(path).to_dict("records")
     rows += read_parts(out_dir).to_dict("records")
@@ -281,7 +235,7 @@ def _done_rows(out_dir: Path, specs: list[TrialSpec]) -> dict[str, dict]:
     for row in rows:
         tid, status = row.get("trial_id"), row.get("status")
         if tid in ids and (status in ("unlockable", "degenerate") or
-                           (status == "ok" and (out_dir / "models" / f"{tid}.pt").is_file())):
+                           (status == "ok" and rundir.model_path(out_dir, tid).is_file())):
             keep[tid] = row
         elif tid in ids:
             keep.pop(tid, None)  # a newer row of the point that is not finished (an error): run it again
@@ -345,7 +299,7 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
     trial whose end Tune's last snapshot missed re-reports its row on disk instead of training again."""
     from ray import tune
 
-    from .tune_rows import RowWriter, activate
+    from .tune_rows import RowWriter, activate, row_from_result
     if cfg.search.mode == "targeted":
         return run_targeted(cfg, ctx, out_dir, resume)
     specs = grid(cfg)
@@ -358,8 +312,8 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
               f"{len(pending)} to run", file=sys.stderr)
     if not pending:
         return SweepLog(out_dir, cfg.name, [s.trial_id for s in specs], done, fresh=not resume).compact()
-    storage = cfg.sweep.storage or str((out_dir / "ray").resolve())
-    exp_path = f"{storage.rstrip('/')}/sweep"
+    storage = rundir.tune_storage(cfg, out_dir)
+    exp_path = rundir.experiment_path(storage)
     # Which grid points the experiment in exp_path was started for: restoring it is right only if they include
     # every point still missing and the others are finished (same config, killed driver); after the grid changed,
     # a fresh experiment runs the new points. The marker lives in the storage next to the experiment, so a new
@@ -394,14 +348,14 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
             tune_config=tune.TuneConfig(max_concurrent_trials=cfg.sweep.max_concurrent, reuse_actors=True,
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(
-                name="sweep", storage_path=storage, callbacks=[RowWriter()],
+                name=rundir.EXPERIMENT, storage_path=storage, callbacks=[RowWriter()],
                 failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None), verbose=1))
     from .console import SweepProgress, to_log
     progress = SweepProgress(log)
     activate(log, ctx, tick=progress.tick)
     try:
-        with to_log(out_dir / "sweep.log"), _state_period(len(pending)):
+        with to_log(out_dir / rundir.SWEEP_LOG), _state_period(len(pending)):
             results = tuner.fit()
     finally:
         activate(None, None)
@@ -410,7 +364,7 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
     # Grid points the callback did not see finish: a restored experiment had finished them before (a new head node
     # whose output folder was lost restores everything from sweep.storage).
     missing = {s.trial_id for s in pending} - set(log.rows)
-    extra = [_row_from_result(r, ctx, out_dir / "models") for r in results
+    extra = [row_from_result(r, ctx, out_dir / rundir.MODELS) for r in results
              if TrialSpec(**r.config["trial"]).trial_id in missing]
     return log.compact(extra)
 
@@ -441,7 +395,7 @@ def _state_period(n: int):
             os.environ.pop(key, None)
 
 
-SEARCH_FILE = "search.json"
+SEARCH_FILE = rundir.SEARCH
 
 
 def write_search(out_dir: Path, planner) -> dict:
@@ -472,7 +426,7 @@ def _targeted_done(out_dir: Path) -> dict[str, dict]:
     """Rows a targeted `--resume` keeps: level rows `ok` with their model file, thief rows `ok`, and `unlockable` or
     `degenerate` level rows (from trials.parquet and the parts a killed driver left)."""
     rows = []
-    path = out_dir / "trials.parquet"
+    path = out_dir / rundir.TRIALS
     if path.is_file():
         rows += pd.read_parquet(path).to_dict("records")
     rows += read_parts(out_dir).to_dict("records")
@@ -482,7 +436,7 @@ def _targeted_done(out_dir: Path) -> dict[str, dict]:
         if phase not in ("level", "thief"):
             continue
         if status in ("unlockable", "degenerate") or (status == "ok" and (
-                phase == "thief" or (out_dir / "models" / f"{tid}.pt").is_file())):
+                phase == "thief" or rundir.model_path(out_dir, tid).is_file())):
             keep[tid] = row
         else:
             keep.pop(tid, None)
@@ -514,14 +468,14 @@ def run_targeted(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = F
     from ray import tune
 
     from .search import Planner
-    from .tune_rows import DriverSearcher, RowWriter, activate
+    from .tune_rows import DriverSearcher, RowWriter, activate, row_from_result, trial_ident
     planner = Planner(cfg.search, ctx.base_acc, ctx.lock_bound, cfg.select.min_gap, cfg.importance[0].label,
                       cfg.lock.mode)  # validates the intent against the base: one line, exit 2, before Ray
     print(f"[search] targets {', '.join(f'{t:.3f}' for t in planner.targets)} (base {ctx.base_acc:.3f}, lock bound "
           f"{ctx.lock_bound:.3f}, tolerance {cfg.search.tolerance:g})", file=sys.stderr)
     done = _targeted_done(out_dir) if resume else {}
-    storage = cfg.sweep.storage or str((out_dir / "ray").resolve())
-    exp_path = f"{storage.rstrip('/')}/sweep"
+    storage = rundir.tune_storage(cfg, out_dir)
+    exp_path = rundir.experiment_path(storage)
     marker = [f"targeted:{cfg.hash()}:{ctx.base_acc!r}"]  # the experiment in exp_path is this search's
     restore = resume and _read_points(storage) == marker
     if restore:
@@ -558,7 +512,7 @@ def run_targeted(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = F
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, reuse_actors=True,
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(
-                name="sweep", storage_path=storage, callbacks=[RowWriter()],
+                name=rundir.EXPERIMENT, storage_path=storage, callbacks=[RowWriter()],
                 failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1))
     write_search(out_dir, planner) if not restore else None
@@ -568,7 +522,7 @@ def run_targeted(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = F
         # Tune's tables go to sweep.log as in a grid sweep; the outcome per target is printed below. A targeted sweep
         # keeps num_to_keep=1 (a snapshot per checkpoint): its searcher's state rides on the snapshots, and its
         # trials are few (search.max_trials), so the cost that made the grid drop it does not arise.
-        with to_log(out_dir / "sweep.log"):
+        with to_log(out_dir / rundir.SWEEP_LOG):
             results = tuner.fit()
     finally:
         activate(None, None)
@@ -577,7 +531,7 @@ def run_targeted(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = F
     for r in results:
         ident = trial_ident(r.config)
         if ident is not None and ident[0] not in log.rows:
-            extra.append(_row_from_result(r, ctx, out_dir / "models"))
+            extra.append(row_from_result(r, ctx, out_dir / rundir.MODELS))
     summary = write_search(out_dir, last["planner"])
     print_search_outcome(summary)
     return log.compact(extra)

@@ -7,12 +7,17 @@ restored copy of it therefore writes to the current driver's log, never to a sta
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from ray import tune
 
+from .checkpoint import from_bytes
 from .errors import GradauthError
-from .rows import SweepLog
+from .fsutil import atomic_path
+from .rows import TRIALS_SCHEMA, SweepLog
 from .search import TargetedSearcher
-from .trial import TrialContext, TrialSpec
+from .trial import TrialContext, TrialSpec, base_row
 
 _ACTIVE: dict = {}
 
@@ -25,9 +30,55 @@ def activate(log: SweepLog | None, ctx: TrialContext | None, on_search=None, tic
         _ACTIVE.update(log=log, ctx=ctx, on_search=on_search, tick=tick or (lambda force=False: None))
 
 
+def trial_ident(config: dict) -> tuple[str, str] | None:
+    """(trial_id, phase) of a Tune trial's config (grid point or searcher config); None for a lock-curve task,
+    which is no trial row (its points go to DIR/search.json)."""
+    if "phase" in config:
+        from .search import trial_name
+        return None if config["phase"] == "curve" else (trial_name(config), config["phase"])
+    return TrialSpec(**config["trial"]).trial_id, "grid"
+
+
+def failed_row(ctx: TrialContext, t: TrialSpec, error, ident: tuple[str, str] | None = None) -> dict:
+    tid, phase = ident or (t.trial_id, "grid")
+    why = str(error).strip().splitlines()[-1][:200] if error else "did not finish"
+    print(f"[sweep] trial {tid} failed: {why}", file=sys.stderr)
+    return base_row(ctx, t) | {"status": "error", "trial_id": tid, "phase": phase}
+
+
+def finished_row(t: TrialSpec, metrics: dict, checkpoint,
+                  ident: tuple[str, str] | None = None) -> tuple[dict, bytes | None]:
+    """(row, model file bytes) of a trial that reported its row; the model comes from its final checkpoint and is
+    refused unless it is a plain gradauth model file (a thief trial keeps no model)."""
+    tid, phase = ident or (t.trial_id, "grid")
+    # Tune fills in its own `trial_id` metric: ours is derived from the grid point, which also keeps it stable.
+    row = {k: metrics.get(k) for k in TRIALS_SCHEMA.names} | {"trial_id": tid, "phase": phase}
+    data = None
+    if row["status"] == "ok" and phase != "thief":
+        if checkpoint is None:
+            raise GradauthError(f"trial {tid} finished without its model checkpoint")
+        with checkpoint.as_directory() as d:
+            data = (Path(d) / "model.pt").read_bytes()
+        from_bytes(data, f"checkpoint of {tid}")  # refuse anything that is not a plain model file
+    return row, data
+
+
+def row_from_result(result, ctx: TrialContext, models_dir: Path) -> dict:
+    """A row from Tune's result grid, for a grid point whose row the callback did not see (a restored experiment
+    that had already finished it, e.g. on a new head node whose output folder was lost)."""
+    t, ident = TrialSpec(**result.config["trial"]), trial_ident(result.config)
+    m = result.metrics or {}
+    if result.error is not None or not m.get("row_complete"):
+        return failed_row(ctx, t, result.error, ident)
+    row, data = finished_row(t, m, result.checkpoint, ident)
+    if data is not None:
+        with atomic_path(models_dir / f"{ident[0]}.pt") as tmp:
+            tmp.write_bytes(data)
+    return row
+
+
 def _ident(trial) -> tuple[TrialSpec, tuple[str, str]] | None:
     """(spec, (trial_id, phase)) of a trial with a row; None for a lock-curve task."""
-    from .sweep import trial_ident
     ident = trial_ident(trial.config)
     return None if ident is None else (TrialSpec(**trial.config["trial"]), ident)
 
@@ -44,7 +95,6 @@ class RowWriter(tune.Callback):
             _ACTIVE["log"].retrying(i[1][0])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        from .sweep import _failed_row, _finished_row
         if not _ACTIVE or not (i := _ident(trial)):
             return
         log, ctx, (t, ident) = _ACTIVE["log"], _ACTIVE["ctx"], i
@@ -52,18 +102,17 @@ class RowWriter(tune.Callback):
         if m.get("rereported") or ident[0] in log.rows:
             return  # its row is on disk already (a --resume re-reported it without training)
         if not m.get("row_complete"):
-            log.finished(_failed_row(ctx, t, "it ended without reporting its row", ident))
+            log.finished(failed_row(ctx, t, "it ended without reporting its row", ident))
             return
         try:
-            row, data = _finished_row(t, m, trial.checkpoint, ident)
+            row, data = finished_row(t, m, trial.checkpoint, ident)
         except GradauthError as e:
-            row, data = _failed_row(ctx, t, e, ident), None
+            row, data = failed_row(ctx, t, e, ident), None
         log.finished(row, data)
 
     def on_trial_error(self, iteration, trials, trial, **info):  # after Tune's retries (max_failures)
-        from .sweep import _failed_row
         if _ACTIVE and (i := _ident(trial)):
-            _ACTIVE["log"].finished(_failed_row(_ACTIVE["ctx"], i[0], "it raised (see its error.txt)", i[1]))
+            _ACTIVE["log"].finished(failed_row(_ACTIVE["ctx"], i[0], "it raised (see its error.txt)", i[1]))
 
     def on_step_end(self, iteration, trials, **info):
         if _ACTIVE:

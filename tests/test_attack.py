@@ -164,7 +164,7 @@ def test_report_and_cli(attacked, capsys):
     assert "level 1" in text and "public bn_gamma rate 0.4 (zeros)" in text and "scratch (random init)" in text
     main_table = text.split("## Head start")[0]  # the head-start table (issue 12) follows the main one
     lines = [line for line in main_table.splitlines() if line.startswith("| ")]
-    assert len(lines) == 1 + df.apply(attack._label, axis=1).nunique()  # header + one line per starting model
+    assert len(lines) == 1 + df.apply(attack.attack_label, axis=1).nunique()  # header + one line per starting model
     assert lines[0].split(" | ")[3:] == ["1% best", "1% strong", "5% best", "5% strong", "10% best", "10% strong",
                                          "owner, all data |"]
     public = next(line for line in lines if line.startswith("| public bn_gamma rate 0.4 (zeros) |"))

@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 
 from ..fsutil import write_json
+from ..machine import machine
 from ..models import build_model
-from . import slice_partial
+from .slicer import slice_partial
 from . import kernel
 from .graph import Plan
 from .record import forward_stats, profile
@@ -295,7 +296,6 @@ def _summary(rows: list[dict]) -> str:
 
 
 def bench_slicing(out_path: Path) -> dict:
-    from ..bench import _machine
     torch.set_num_threads(os.cpu_count() or 2)
     kernel.available()  # its first build (if any) is not timed
     load_before = os.getloadavg()
@@ -309,7 +309,7 @@ def bench_slicing(out_path: Path) -> dict:
                 for theta in (0.0, 0.3) for arch in ("resnet10", "resnet18")]
     syn_rows = synapse_rows()
     result = {
-        "bench": "slicing", "machine": _machine(), "data": data,
+        "bench": "slicing", "machine": machine(), "data": data,
         "load_average_before_after": [load_before, os.getloadavg()],  # the machine is shared: context for noise
         "settings": {"batch": BATCHES, "theta_block_elements": BLOCK, "torch_threads": torch.get_num_threads(),
                      "theta_kernel": "compiled C++ (slicing/kernel.py)" if kernel.available() else "torch ops",

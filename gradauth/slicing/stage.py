@@ -15,12 +15,13 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn as nn
 
+from .. import rundir
 from ..config import Config, ImportanceConfig
 from ..data import Dataset, Split, normalize
 from ..errors import GradauthError
 from ..fsutil import atomic_path
 from ..models import bn_layers
-from . import slice_partial
+from .slicer import slice_partial
 from .graph import Plan
 from .vectorized import Partial
 
@@ -75,7 +76,7 @@ def _slice_config(cfg: Config) -> ImportanceConfig:
     return next((i for i in cfg.importance if i.name == "slice"), ImportanceConfig(name="slice"))
 
 
-def _ray_running() -> bool:
+def ray_running() -> bool:
     ray = sys.modules.get("ray")  # never import ray just to ask: a plain run should not pay for it
     return bool(ray is not None and ray.is_initialized())
 
@@ -97,7 +98,7 @@ def run_slice(cfg: Config, out_dir: Path, base_model: nn.Module, ds: Dataset, us
     model = _cpu_copy(base_model)
     plan = Plan(model)  # refuse an unsupported model before touching data
     prof = profile_inputs(ds)
-    use_ray = _ray_running() if use_ray is None else use_ray
+    use_ray = ray_running() if use_ray is None else use_ray
     if use_ray:
         from .distributed import slice_ray
 
@@ -111,7 +112,7 @@ def run_slice(cfg: Config, out_dir: Path, base_model: nn.Module, ds: Dataset, us
         x, y = sliced_inputs(ds, imp.samples, [cls] if cls is not None else None)
         for k, v in rows(run(x, cls), -1 if cls is None else cls).items():
             table[k] += v
-    path = Path(out_dir) / "slices.parquet"
+    path = Path(out_dir) / rundir.SLICES
     with atomic_path(path) as tmp:
         pq.write_table(pa.table(table, schema=SCHEMA), tmp)
     return path

@@ -135,7 +135,7 @@ def synapse_partial(model: torch.nn.Module, profile_inputs: torch.Tensor | None,
                     plan: Plan | None = None, means: dict | None = None) -> tuple[Synapses, Partial]:
     """Per-weight slices of every Conv2d / Linear over `inputs` (and the usual per-neuron Partial with them).
     `target`: None (predicted class), a class, or one class per input; `means` skips profiling."""
-    from . import check_args
+    from .slicer import check_args
     plan = plan or Plan(model)
     means = means if means is not None else profile(plan, profile_inputs, batch)
     check_args(theta, target, means[plan.logits].shape[0])

@@ -307,30 +307,31 @@ def _row_reasons(rows: pd.DataFrame) -> list[dict]:
     return out
 
 
+def _group_reasons(groups: pd.DataFrame, kind: str, why) -> list[dict]:
+    """Every trial of each candidate group rejected with `kind` and the group's reason `why(group)`."""
+    return [r for _, g in groups.iterrows() for r in _reject(g["trial_ids"], kind, why(g))]
+
+
+def _seeds_note(g) -> str:
+    return f" (mean of {g['seeds']} seeds)" if g["seeds"] > 1 else ""
+
+
 def _locked_reasons(groups: pd.DataFrame, max_locked_acc: float) -> list[dict]:
-    out = []
-    for _, g in groups.iterrows():
-        mean = f" (mean of {g['seeds']} seeds)" if g["seeds"] > 1 else ""
-        out += _reject(g["trial_ids"], "locked_acc", f"locked accuracy {g['prun_acc']:.3f}{mean} above "
-                                                     f"max_locked_acc {max_locked_acc:.3f}")
-    return out
+    return _group_reasons(groups, "locked_acc", lambda g: f"locked accuracy {g['prun_acc']:.3f}{_seeds_note(g)} above "
+                                                          f"max_locked_acc {max_locked_acc:.3f}")
 
 
 def _worthless_reasons(groups: pd.DataFrame, max_locked_acc: float, min_gap: float) -> list[dict]:
-    out = []
-    for _, g in groups.iterrows():
-        out += _reject(g["trial_ids"], "worthless", f"fine_acc {g['fine_acc']:.3f} not min_gap {min_gap:g} above "
-                                                    f"max_locked_acc {max_locked_acc:.3f}: no better than a locked model")
-    return out
+    return _group_reasons(groups, "worthless", lambda g: f"fine_acc {g['fine_acc']:.3f} not min_gap {min_gap:g} above "
+                                                         f"max_locked_acc {max_locked_acc:.3f}: no better than a "
+                                                         f"locked model")
 
 
 def _thief_reasons(groups: pd.DataFrame, summary: dict, min_gap: float) -> list[dict]:
-    out = []
-    for _, g in groups.iterrows():
-        out += _reject(g["trial_ids"], "thief", f"fine_acc {g['fine_acc']:.3f} not min_gap {min_gap:g} above the "
-                                                f"best thief {summary['best_acc']:.3f} ({summary['best']['label']}): "
-                                                f"a thief gets this close without a key, so it does not sell")
-    return out
+    return _group_reasons(groups, "thief", lambda g: f"fine_acc {g['fine_acc']:.3f} not min_gap {min_gap:g} above the "
+                                                     f"best thief {summary['best_acc']:.3f} "
+                                                     f"({summary['best']['label']}): a thief gets this close without "
+                                                     f"a key, so it does not sell")
 
 
 def _conflict(c: pd.Series, lv: pd.Series, k: int, min_gap: float) -> tuple[str, str] | None:

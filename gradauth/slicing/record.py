@@ -110,3 +110,14 @@ def forward_record(plan: Plan, means: dict[str, torch.Tensor], x: torch.Tensor) 
             rec[s.name] = (val.clone(), val - means[s.name])
     run(plan, x, visit)
     return rec
+
+
+def sample_records(plan: Plan, profile_inputs: torch.Tensor, inputs: torch.Tensor, batch: int = BATCH):
+    """Per input, in order: {neuron: (y, Δ)} as float64 numpy arrays of that one sample (profiled on
+    `profile_inputs`): what the loop references walk, one sample at a time."""
+    means = profile(plan, profile_inputs, batch)
+    for i in range(0, len(inputs), batch):
+        rec = {k: (y.double().numpy(), d.double().numpy()) for k, (y, d) in
+               forward_record(plan, means, inputs[i:i + batch]).items()}
+        for n in range(len(inputs[i:i + batch])):
+            yield {k: (y[n], d[n]) for k, (y, d) in rec.items()}

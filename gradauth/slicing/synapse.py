@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from . import algebra as A
 from .graph import Plan
 from .loops import sign
-from .record import BATCH, batches, forward_record, forward_stats, profile
+from .record import BATCH, batches, forward_stats, profile, sample_records
+from .reference import walk_one
 from .theta import exact_keep, kept
 from .vectorized import BLOCK, Partial, backward
 
@@ -161,32 +162,17 @@ def synapse_loop(model: torch.nn.Module, profile_inputs: torch.Tensor, inputs: t
                  target: int | None = None, batch: int = BATCH) -> Synapses:
     """Per-weight slices, one sample, one output neuron and one synapse at a time (slow on purpose)."""
     plan = Plan(model)
-    means = profile(plan, profile_inputs, batch)
     out = Synapses()
-    for i in range(0, len(inputs), batch):
-        rec = {k: (y.double().numpy(), d.double().numpy()) for k, (y, d) in
-               forward_record(plan, means, inputs[i:i + batch]).items()}
-        for n in range(len(inputs[i:i + batch])):
-            one = {k: (y[n], d[n]) for k, (y, d) in rec.items()}
-            for key, (sg, ct) in _one(plan, one, theta, target).items():
-                out.add(key, torch.from_numpy(sg), torch.from_numpy(ct))
-            out.inputs += 1
+    for one in sample_records(plan, profile_inputs, inputs, batch):
+        for key, (sg, ct) in _one(plan, one, theta, target).items():
+            out.add(key, torch.from_numpy(sg), torch.from_numpy(ct))
+        out.inputs += 1
     return out
 
 
 def _one(plan: Plan, rec: dict, theta: float, target: int | None) -> dict:
-    logits = rec[plan.logits][0]
-    cls = int(np.argmax(logits)) if target is None else target
-    contrib = {s.name: np.zeros(rec[s.name][0].shape, dtype=np.int64) for s in plan.steps if s.name in rec}
-    contrib[plan.logits][cls] = 1
-    result = {}
-    for s in reversed(plan.steps):
-        if s.name not in rec:
-            continue
-        if s.rule.weighted and s.key is not None:
-            result[s.key] = _loop_synapses(s, rec, contrib[s.name], theta)  # CONTRIB of s is complete here
-        s.rule.loop(s, rec, contrib, theta, plan)
-    return result
+    return walk_one(plan, rec, theta, target, lambda s, c: _loop_synapses(s, rec, c, theta) if s.rule.weighted
+                    else None)  # CONTRIB of s is complete when collected
 
 
 def _loop_synapses(s, rec, c, theta):

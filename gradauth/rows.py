@@ -36,7 +36,7 @@ FINISHED = {"ok": "ok", "unlockable": "unlockable", "degenerate": "degenerate", 
 
 
 def write_trials(rows: list[dict], path: Path) -> pd.DataFrame:
-    """Rows → Parquet with the contract schema (columns and types of DESIGN.md), atomically."""
+    """Rows → Parquet with the contract schema (docs/design.md, "trials.parquet"), atomically."""
     df = pd.DataFrame(rows, columns=TRIALS_SCHEMA.names).sort_values("trial_id", kind="stable").reset_index(drop=True)
     df["phase"] = df["phase"].where(df["phase"].notna(), "grid")  # a row without a phase is a grid point
     table = pa.Table.from_pandas(df, schema=TRIALS_SCHEMA, preserve_index=False)

@@ -56,7 +56,7 @@ class Selection:
     thief: dict | None = None  # thief_summary() when trials.parquet has thief rows
 
     def to_json(self, experiment: str) -> dict:
-        """The levels.json object of DESIGN.md (plus `settings`, so a report can show what was asked)."""
+        """The levels.json object (docs/design.md, "levels.json"), `settings` included so a report shows what was asked."""
         doc = {"experiment": experiment, "method": self.method, "levels": self.levels,
                "rejected": self.rejected, "settings": self.settings}
         return doc if self.thief is None else doc | {"thief": self.thief}

@@ -164,20 +164,19 @@ def settings_from(raw: dict | None, overrides: dict) -> Settings:
 
 
 def load(config_path: str) -> tuple:
-    """(project Config, the `detect:` mapping) from one YAML."""
-    import yaml
-    from .config import load_config, parse_config
+    """(project Config, the `detect:` mapping) from one YAML, read as strictly as every config (read_yaml:
+    duplicate keys, non-UTF-8, binary, empty and directory paths are one line)."""
+    from .config import parse_config, read_yaml
     path = Path(config_path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (FileNotFoundError, IsADirectoryError, yaml.YAMLError):
-        return load_config(path), None  # its own one-line refusal
+    raw, duplicates = read_yaml(path)
+    if duplicates:
+        raise GradauthError(f"{path}: " + "; ".join(duplicates))
+    det = None
     if isinstance(raw, dict) and "detect" in raw:
         det = raw.pop("detect")
         if not isinstance(det, dict):
             raise GradauthError(f"{path}: detect: must be a mapping of settings (normal, clean, attacks, …)")
-        return parse_config(raw, str(path)), det
-    return load_config(path), None
+    return parse_config(raw, str(path)), det
 
 
 # ---- features ---------------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ files atomically, so any stage can be re-run alone and a `--resume` run skips wh
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -68,7 +67,7 @@ def train_stage(cfg: Config, out: Path, ds: Dataset | None = None, resume: bool 
     Checkpoints every epoch to base.ckpt; `resume=True` continues from it when it belongs to this config."""
     from .train import model_spec, train_base
     if resume and (out / rundir.BASE).is_file() and (out / rundir.BASE_METRICS).is_file():
-        info = json.loads((out / rundir.BASE_METRICS).read_text())
+        info = rundir.read_base_info(out)
         if info.get("base_hash", info.get("config_hash")) in (cfg.base_hash(), cfg.hash()):
             print(f"[train] {out / 'base.pt'} is up to date (same seed, data, model, train), skipped", file=sys.stderr)
             return info
@@ -97,7 +96,7 @@ def trial_context(cfg: Config, out: Path, ds: Dataset | None = None) -> TrialCon
     if not (out / rundir.BASE).is_file():
         raise GradauthError(f"{out / 'base.pt'} not found: run `gradauth train CONFIG` (or `gradauth run CONFIG`) first")
     model, spec, _ = rebuild(load_model_file(out / rundir.BASE))
-    info = json.loads((out / rundir.BASE_METRICS).read_text())
+    info = rundir.read_base_info(out)
     ds = ds or load_dataset(cfg.data, cfg.seed)
     scores = {}
     for imp in cfg.importance:

@@ -96,6 +96,25 @@ def read_config(out: Path):
     return load_config(path)
 
 
+def read_base_info(out: Path) -> dict:
+    """base.json of an output folder, checked: a JSON object whose base_acc is an accuracy (what trials and the
+    search read). A missing, unreadable or damaged file is one line naming the fix."""
+    import json
+    import math
+    path = Path(out) / BASE_METRICS
+    fix = f"re-run `gradauth train CONFIG --out {out}` (delete base.pt first: it is retrained with its base.json)"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GradauthError(f"{path} not found: {fix}")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise GradauthError(f"{path} is not readable JSON ({type(e).__name__}): {fix}")
+    acc = info.get("base_acc") if isinstance(info, dict) else None
+    if not isinstance(acc, (int, float)) or isinstance(acc, bool) or not math.isfinite(acc) or not 0 <= acc <= 1:
+        raise GradauthError(f"{path} has no base_acc in [0, 1]: {fix}")
+    return info
+
+
 def chance_bound(num_classes) -> float:
     """The default locked-accuracy bound: chance (1 / num_classes) + 0.1. The one place this default is coded."""
     return 1 / num_classes + 0.1

@@ -49,7 +49,8 @@ OPTIONAL = tuple(OPTIONAL_COLUMNS)
 WRITTEN_COLUMNS = TRIAL_COLUMNS | OPTIONAL_COLUMNS  # what `gradauth sweep` writes, in this order
 PHASES = ("grid", "level", "thief")
 # ok: fine-tuned; unlockable: locked accuracy above the bound, not fine-tuned; error: the trial failed;
-# degenerate: fine-tuned to a model that is no use (e.g. a lock that removes a whole layer).
+# degenerate: a lock that empties the network or a layer compaction would have to cut out; found before
+# fine-tuning, never fine-tuned or retried (trial.run_trial).
 STATUSES = ("ok", "unlockable", "error", "degenerate")
 ACCURACIES = ("base_acc", "prun_acc", "fine_acc", "fine_top3")
 # A grid point: the columns that, with the seed, make one trial. Two rows of one grid point would count a seed twice.

@@ -399,3 +399,17 @@ def test_a_damaged_attack_is_refused_before_any_plot(ref, capsys):
     before = _snapshot(ref)
     _one_line_exit_2(capsys, "report", ref, needle="not a readable Parquet file")
     assert _snapshot(ref) == before
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"base_acc": "high"}', '{"base_acc": NaN}', ""])
+def test_a_damaged_base_json_is_one_line_before_the_sweep(tmp_path, capsys, content):
+    out = tmp_path / "q"
+    out.mkdir()
+    for name in ("base.pt", "config.yaml"):
+        shutil.copy2(ROOT / "results" / "quickstart" / name, out / name)
+    (out / "base.json").write_text(content)
+    before = sorted(p.name for p in out.iterdir())
+    assert main(["sweep", str(ROOT / "sweeps" / "quickstart.yaml"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "base.json" in err[0] and "gradauth train" in err[0], err
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing written, Ray never started

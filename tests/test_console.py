@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import yaml
 
 from gradauth.console import EpochProgress, Progress, SweepProgress, duration, to_log
@@ -78,6 +80,8 @@ def test_to_log_sends_prints_to_the_file(tmp_path):
     assert (tmp_path / "sweep.log").read_text() == "a Tune table\na warning\n"
 
 
+@pytest.mark.ray
+@pytest.mark.subprocess
 def test_quickstart_like_run_fits_on_two_screens(tmp_path):
     """The whole pipeline through the CLI (one Ray run): the console holds one line per stage's progress, the
     level table and the keys, under 100 lines; Tune's tables are in DIR/sweep.log."""

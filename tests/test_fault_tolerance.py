@@ -27,8 +27,8 @@ CFG = {
     "name": "ft", "data": {"name": "digits", "crop_pad": 1, "flip": False},
     "model": {"arch": "vgg_tiny", "width": 1.0}, "train": {"epochs": 12, "lr": 0.05, "sparsity": 0.03},
     "lock": {"mode": "rate", "values": [0.35]},
-    # 60 epochs: with the flat driver (no experiment snapshot per checkpoint) a 15-epoch trial ends before the kill
-    "finetune": {"epochs": [60], "lr": [0.005], "seeds": [0]},
+    # 200 epochs: the kill must land mid-trial on a quiet machine too (60 epochs ended before it on an idle one)
+    "finetune": {"epochs": [200], "lr": [0.005], "seeds": [0]},
     "sweep": {"lock_bound": 0.3, "resources": {"cpu": 1, "gpu": 0}, "checkpoint_every": 1, "checkpoint_min_s": 0,
               "max_failures": 2},
 }

@@ -30,7 +30,7 @@ from localcluster import NO_CUDA, LocalCluster
 
 pytestmark = pytest.mark.ray
 
-EPOCHS = 10
+EPOCHS = 40  # long enough that trials still run on both workers when the kill comes, on an idle machine too
 CFG = {
     "name": "mn", "data": {"name": "digits", "crop_pad": 1, "flip": False},
     "model": {"arch": "vgg_tiny", "width": 1.0}, "train": {"epochs": 12, "lr": 0.05, "sparsity": 0.03},
@@ -134,8 +134,10 @@ def test_node_loss_on_a_two_worker_cluster(tmp_path):
     assert (df["status"] == "ok").all()
     res = _results(out)
     ran_on = {tid: [node_by_pid.get(l["pid"]) for l in lines] for tid, lines in res.items()}
-    assert {n for nodes in ran_on.values() for n in nodes} == {"a", "b"}  # the sweep used both workers
-    assert victim_trials and all(ran_on[tid][-1] == survivor for tid in victim_trials)
+    # the sweep used both workers (None: a result line the driver wrote after its process was gone, e.g. the lost
+    # node's last report, so its node could not be looked up)
+    assert {n for nodes in ran_on.values() for n in nodes} - {None} == {"a", "b"}
+    assert victim_trials and all([n for n in ran_on[tid] if n][-1] == survivor for tid in victim_trials)
     # The joined cluster declares GPUs, so the trials kept their half GPU (trial_resources) and Ray gave each one
     # a GPU id; torch finds no CUDA device behind it, so pick_device ran them on the CPU.
     for tid, lines in res.items():
@@ -147,8 +149,8 @@ def test_node_loss_on_a_two_worker_cluster(tmp_path):
         since = last["iterations_since_restore"]
         assert last["row_complete"] and 1 <= since < last["training_iteration"], last
         restored_at = last["training_iteration"] - since
-        assert set(ran_on[tid][-since:]) == {survivor}, ran_on[tid]
-        assert [n for l, n in zip(res[tid], ran_on[tid]) if l["training_iteration"] == restored_at][0] == victim
+        assert set(ran_on[tid][-since:]) - {None} == {survivor}, ran_on[tid]
+        assert [n for l, n in zip(res[tid], ran_on[tid]) if l["training_iteration"] == restored_at][0] in (victim, None)
 
     # Identical to the same trials run undisturbed, one after the other in this process, on one thread as the
     # trials were: every number of the row and every weight of the saved model.

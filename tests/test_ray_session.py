@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = ("import sys, time\n"
           "from gradauth.sweep import ensure_ray\n"
@@ -32,6 +34,8 @@ def _gone(path, timeout=120):
     return not path.exists()
 
 
+@pytest.mark.ray
+@pytest.mark.subprocess
 def test_session_folder_removed_at_exit_and_after_a_kill():
     p, temp = _driver("exit")
     assert p.wait(timeout=120) == 0

@@ -82,7 +82,10 @@ def test_cpu_fallback_without_ray_cryptography_or_yaml(tmp_path):
     together = cap["rounds"][0]["concurrent"]
     assert sorted(p["rank"] for p in together) == [0, 1] and len({p["pid"] for p in together}) == 2
     n = cap["images_per_process_per_run"]
-    assert all(p["images"] == n and p["end"] > p["start"] for p in together + [cap["rounds"][0]["alone"]])
+    # the same work in every process: `n` images asked, resized to whole epochs of a data fraction (rounding)
+    runs = together + [cap["rounds"][0]["alone"]]
+    assert len({p["images"] for p in runs}) == 1 and abs(runs[0]["images"] - n) <= 0.01 * n + 2
+    assert all(p["end"] > p["start"] for p in runs)
     assert cap["best_concurrent_aggregate_images_per_s"] > 0 and cap["best_alone_images_per_s"] > 0
     for k in ("cap_bytes", "aggregate_vs_alone", "max_peak_reserved_bytes", "all_within_cap"):
         assert cap[k] == nm

@@ -30,7 +30,7 @@ from localcluster import NO_CUDA, LocalCluster
 
 pytestmark = pytest.mark.ray
 
-EPOCHS = 40  # long enough that trials still run on both workers when the kill comes, on an idle machine too
+EPOCHS = 100  # long enough that trials still run on both workers when the kill comes, on an idle machine too
 CFG = {
     "name": "mn", "data": {"name": "digits", "crop_pad": 1, "flip": False},
     "model": {"arch": "vgg_tiny", "width": 1.0}, "train": {"epochs": 12, "lr": 0.05, "sparsity": 0.03},
@@ -97,11 +97,11 @@ def test_node_loss_on_a_two_worker_cluster(tmp_path):
             unfinished = {tid for tid, lines in res.items() if not lines[-1].get("row_complete")}
             busy = {node_by_pid.get(res[tid][-1]["pid"]) for tid in unfinished}
             # Kill a worker once trials run on both and one of its trials is a few checkpointed epochs in (and
-            # far from done): it must resume from there.
+            # far from done — result.json lags the trial by seconds): it must resume from there.
             for tid in unfinished:
                 last = res[tid][-1]
                 node = cluster.node_of(last["pid"])
-                if (busy == {"a", "b"} and node in ("a", "b") and 3 <= last.get("epoch", 0) <= EPOCHS - 3
+                if (busy == {"a", "b"} and node in ("a", "b") and 3 <= last.get("epoch", 0) <= EPOCHS // 3
                         and list((out / "ray" / "sweep" / tid).glob("checkpoint_*"))):
                     victim = node
                     break
@@ -150,7 +150,8 @@ def test_node_loss_on_a_two_worker_cluster(tmp_path):
         assert last["row_complete"] and 1 <= since < last["training_iteration"], last
         restored_at = last["training_iteration"] - since
         assert set(ran_on[tid][-since:]) - {None} == {survivor}, ran_on[tid]
-        assert [n for l, n in zip(res[tid], ran_on[tid]) if l["training_iteration"] == restored_at][0] in (victim, None)
+        # the checkpoint it resumed from was reached on the lost node (where result.json still has that line)
+        assert all(n in (victim, None) for l, n in zip(res[tid], ran_on[tid]) if l["training_iteration"] == restored_at)
 
     # Identical to the same trials run undisturbed, one after the other in this process, on one thread as the
     # trials were: every number of the row and every weight of the saved model.

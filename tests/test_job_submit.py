@@ -33,6 +33,7 @@ from gradauth.config import load_config
 from gradauth.select import TRIAL_COLUMNS
 
 from conftest import with_base
+from localcluster import free_ports  # tests/ helper: free loopback ports
 
 pytestmark = [pytest.mark.ray, pytest.mark.subprocess]  # a Ray node and `ray job` CLIs as real processes
 
@@ -41,17 +42,6 @@ RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` CLI of this int
 PY = sys.executable  # the jobs' entrypoint interpreter: this one (the job runs on this machine)
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _free_range(n: int, avoid: set[int]) -> int:
@@ -146,7 +136,7 @@ def test_quickstart_sweep_as_a_ray_job(half_base, tmp_path):
     # name it (PY) instead of `python`.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), *filter(None, [env.get("PATH")])])
 
-    (gcs, dash, agent, agent_grpc, metrics, rt_env, node_mgr, obj_mgr, client) = ports = _free_ports(9)
+    (gcs, dash, agent, agent_grpc, metrics, rt_env, node_mgr, obj_mgr, client) = ports = free_ports(9)
     workers = _free_range(40, set(ports))
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Unix socket paths are limited to ~107 chars
     head = subprocess.Popen(

@@ -16,17 +16,7 @@ from gradauth.slicing.record import Stats, forward_stats, profile
 from gradauth.slicing.reference import slice_loop
 
 
-@pytest.fixture(autouse=True)
-def torch_theta_path(monkeypatch):
-    monkeypatch.setenv("GRADAUTH_SLICING_KERNEL", "0")  # the compiled θ kernel has its own tests (test_slicing)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from slicing_fixtures import one_thread, torch_theta_path  # noqa: F401  (autouse)
 
 
 class EveryOp(nn.Module):

@@ -14,20 +14,7 @@ from gradauth.slicing.theta import exact_keep, kept
 from gradauth.slicing.vectorized import BLOCK, _conv_theta
 
 
-@pytest.fixture(autouse=True)
-def torch_theta_path(monkeypatch):
-    """The θ > 0 tests run the torch filter; the compiled one is checked against both in its own tests below
-    (so only they pay its first build)."""
-    monkeypatch.setenv("GRADAUTH_SLICING_KERNEL", "0")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tensors here are small: one thread is as fast, and does not stall when a neighbour holds the other core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from slicing_fixtures import one_thread, torch_theta_path  # noqa: F401  (autouse)
 
 
 def _randomise_bn(model, seed=0):

@@ -8,18 +8,7 @@ from gradauth.slicing.synapse import synapse_loop, synapse_partial
 from tests.test_slicing import ConvZoo, ResCat, _random_case
 
 
-@pytest.fixture(autouse=True)
-def torch_theta_path(monkeypatch):
-    """The walk's θ > 0 convs take the torch filter (test_slicing checks the compiled one against it)."""
-    monkeypatch.setenv("GRADAUTH_SLICING_KERNEL", "0")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from slicing_fixtures import one_thread, torch_theta_path  # noqa: F401  (autouse)
 
 
 def _weighted(model):

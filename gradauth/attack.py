@@ -78,7 +78,7 @@ from .knobs import Schedule, columns, fill_defaults, from_row, schedule_dict, sc
 from .fsutil import atomic_path, write_text
 from .importance import bn_gamma
 from .prune import count_removed, lock_masks
-from .release import MANIFEST, locked_copy, public_model, revive
+from .release import HEAD_SEED, MANIFEST, locked_copy, public_model, revive
 from .schema import file_sha256, read_trials
 
 FRACTIONS = (0.01, 0.05, 0.1)   # of the labelled training split the thief holds
@@ -194,20 +194,22 @@ def targets(out: Path, cfg, ds: Dataset, compare: bool = True, forms=None) -> tu
     base, spec, _ = rebuild(load_model_file(out / rundir.BASE))
     mode, value = str(choice["lock_mode"]), float(choice["lock_value"])
     n = count_removed(masks)[0]
-    found = _lock_targets("public", importance, mode, value, base, masks, ds, forms)
+    head = HEAD_SEED if cfg.release.erase_head else None   # the public model's head as released: redrawn or trained
+    found = _lock_targets("public", importance, mode, value, base, masks, ds, forms, head_seed=head)
     if compare:
         target_acc = max(found[0].prun_acc, 1.0 / ds.num_classes) + COMPARABLE_SLACK
-        found += alt_targets(cfg, base, ds, target_acc)
+        found += alt_targets(cfg, base, ds, target_acc, head)
     torch.manual_seed(cfg.seed)
     scratch = _fresh(spec)
     found.append(Target("scratch", None, None, None, 0, "random", scratch, evaluate(scratch, ds, ds.test)[0]))
     public = {"importance": importance, "lock_mode": mode, "lock_value": value, "locked_channels": n,
               "prun_acc": found[0].prun_acc, "levels": doc["levels"], "chosen_by": choice["chosen_by"],
-              "why": choice["why"], "released_init": "noise" if cfg.release.noise_init else "zeros"}
+              "why": choice["why"], "released_init": "noise" if cfg.release.noise_init else "zeros",
+              "erase_head": bool(cfg.release.erase_head)}
     return found, public
 
 
-def alt_targets(cfg, base: nn.Module, ds: Dataset, target_acc: float) -> list[Target]:
+def alt_targets(cfg, base: nn.Module, ds: Dataset, target_acc: float, head_seed: int | None = None) -> list[Target]:
     """The comparison locks of ALT_LOCKS, each the weakest with locked accuracy ≤ `target_acc`."""
     found, scores = [], {}
     start = max(1, sum(s.numel() for s in bn_gamma(base).values()) // 100)
@@ -217,7 +219,8 @@ def alt_targets(cfg, base: nn.Module, ds: Dataset, target_acc: float) -> list[Ta
         if scores[name] is None:
             continue
         value, masks, _ = calibrate(base, scores[name], mode, start, target_acc, ds)
-        found += _lock_targets("alt", name, mode, value, base, masks, ds, ("zeros", "revive"), ("strong",))
+        found += _lock_targets("alt", name, mode, value, base, masks, ds, ("zeros", "revive"), ("strong",),
+                               head_seed=head_seed)
     return found
 
 
@@ -228,13 +231,14 @@ FORMS = {"zeros": ("zeros", "erased", "none"), "revive": ("zeros", "erased", "re
 
 
 def _lock_targets(kind: str, importance: str, mode: str, value: float, base: nn.Module, masks, ds: Dataset,
-                  forms=tuple(FORMS), schedules=("best", "strong")) -> list[Target]:
+                  forms=tuple(FORMS), schedules=("best", "strong"), head_seed: int | None = None) -> list[Target]:
     """One lock in each of `forms` (see FORMS and the module docstring)."""
     n = count_removed(masks)[0]
     found = []
     for form in forms:
         init, filters, thief = FORMS[form]
-        model = locked_copy(base, masks, NOISE_SEED if init == "noise" else None, keep_filters=filters == "kept")
+        model = locked_copy(base, masks, NOISE_SEED if init == "noise" else None, keep_filters=filters == "kept",
+                            head_seed=head_seed)
         if thief == "revive":
             revive(model)
         t = Target(kind, importance, mode, value, n, init, model, evaluate(model, ds, ds.test)[0], masks, thief,
@@ -404,7 +408,8 @@ def report(df: pd.DataFrame, public: dict, best: Schedule) -> str:
              "Levels (what the keys sell): " + "; ".join(f"level {lv['level']} {float(lv['fine_acc']):.3f}"
                                                          for lv in levels) + ".",
              f"Public model: {public['importance']} {public['lock_mode']} {public['lock_value']:g}, "
-             f"{public['locked_channels']} channels locked, accuracy {public['prun_acc']:.3f}.", "",
+             f"{public['locked_channels']} channels locked, accuracy {public['prun_acc']:.3f}"
+             + (", classifier head redrawn (release.erase_head)" if public.get("erase_head") else "") + ".", "",
              "The thief trains every weight (nothing held at zero) on 1/5/10 % of the labelled training data: "
              f"`best` = the sweep's best schedule for the public lock ({schedule_label(schedule_dict(best))}) on "
              f"the thief's data; `strong` = as many steps as `best` takes on its share of all the data "

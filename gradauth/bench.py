@@ -309,21 +309,35 @@ def _reached(levels: list[float], targets: list[float], tolerance: float) -> lis
             for t, g in zip(targets, list(levels) + [None] * (len(targets) - len(levels)))]
 
 
-def bench_search_pair(name: str, grid_cfg, targeted_cfg, work: Path, base_from: Path | None = None) -> dict:
+def bench_search_pair(name: str, grid_cfg, targeted_cfg, work: Path, base_from: Path | None = None,
+                      dirs: tuple[Path, Path] | None = None) -> dict:
     """One config, grid vs targeted, on the same base: trials, trial-seconds (the sum of the trials' own seconds:
-    what a cluster bills), wall time, and the levels each reaches against the targeted config's targets."""
+    what a cluster bills), wall time, and the levels each reaches against the targeted config's targets.
+
+    With `dirs` = (grid run, targeted run): two finished output folders of `gradauth sweep` on the same base.pt are
+    measured instead of run (`--resume` of a finished sweep runs no trial); their wall times are not known here."""
     from .pipeline import sweep_stage, train_stage
+    from .schema import file_sha256
     from .select import select_levels
     from .status import read_search
     from .trial import grid
     out: dict = {"grid_config": grid_cfg.name, "targeted_config": targeted_cfg.name}
-    g_dir, t_dir = work / "grid", work / "targeted"
-    if base_from is not None:
-        _seed_base(base_from, g_dir, grid_cfg)
-    info = train_stage(grid_cfg, g_dir, resume=True)
-    t_dir.mkdir(parents=True, exist_ok=True)
-    for f in (rundir.BASE, rundir.BASE_METRICS):
-        (t_dir / f).write_bytes((g_dir / f).read_bytes())
+    if dirs is not None:
+        g_dir, t_dir = dirs
+        shas = {file_sha256(d / rundir.BASE) if (d / rundir.BASE).is_file() else None for d in dirs}
+        if len(shas) != 1 or None in shas:
+            raise GradauthError(f"bench search: {g_dir} and {t_dir} must hold the same base.pt (one base, two sweeps)")
+        info = rundir.read_base_info(g_dir)
+        out["measured_from"] = {"grid": str(g_dir), "targeted": str(t_dir), "base_git_sha": info.get("git_sha"),
+                                "grid_git_sha": _rows_sha(g_dir), "targeted_git_sha": _rows_sha(t_dir)}
+    else:
+        g_dir, t_dir = work / "grid", work / "targeted"
+        if base_from is not None:
+            _seed_base(base_from, g_dir, grid_cfg)
+        info = train_stage(grid_cfg, g_dir, resume=True)
+        t_dir.mkdir(parents=True, exist_ok=True)
+        for f in (rundir.BASE, rundir.BASE_METRICS):
+            (t_dir / f).write_bytes((g_dir / f).read_bytes())
     base_acc = float(info["base_acc"])
     sc = targeted_cfg.search
     targets = sc.resolve_targets(base_acc)
@@ -332,8 +346,8 @@ def bench_search_pair(name: str, grid_cfg, targeted_cfg, work: Path, base_from: 
     runs = {}
     for side, cfg, d in (("grid", grid_cfg, g_dir), ("targeted", targeted_cfg, t_dir)):
         t0 = time.perf_counter()
-        df = sweep_stage(cfg, d)
-        wall = time.perf_counter() - t0
+        df = sweep_stage(cfg, d, resume=dirs is not None)
+        wall = None if dirs is not None else time.perf_counter() - t0
         entry = {"trials": int(len(df)), "trial_seconds": float(df["seconds"].fillna(0).sum()), "wall_s": wall,
                  "statuses": {str(k): int(v) for k, v in df["status"].value_counts().items()}}
         if side == "grid":
@@ -359,16 +373,38 @@ def bench_search_pair(name: str, grid_cfg, targeted_cfg, work: Path, base_from: 
         runs[side] = entry
     out |= {"base_acc": base_acc, "targets": targets, "tolerance": tol, **runs,
             "trial_seconds_ratio": runs["targeted"]["trial_seconds"] / max(runs["grid"]["trial_seconds"], 1e-9),
-            "wall_ratio": runs["targeted"]["wall_s"] / max(runs["grid"]["wall_s"], 1e-9)}
+            "wall_ratio": None if dirs is not None else runs["targeted"]["wall_s"] / max(runs["grid"]["wall_s"], 1e-9)}
+    return out
+
+
+def _rows_sha(d: Path) -> str | None:
+    """The git sha the rows of a finished sweep were made with (one, or a comma-joined list)."""
+    import pandas as pd
+    shas = sorted(set(pd.read_parquet(d / rundir.TRIALS, columns=["git_sha"])["git_sha"].dropna().astype(str)))
+    return ",".join(shas) or None
+
+
+def _search_dirs() -> dict[str, tuple[Path, Path]]:
+    """$GRADAUTH_BENCH_SEARCH_DIRS=NAME=GRID_DIR:TARGETED_DIR[,…]: pairs measured from finished runs."""
+    out = {}
+    for item in filter(None, (x.strip() for x in os.environ.get("GRADAUTH_BENCH_SEARCH_DIRS", "").split(","))):
+        name, _, rest = item.partition("=")
+        g, _, t = rest.partition(":")
+        if not (name and g and t):
+            raise GradauthError(f"GRADAUTH_BENCH_SEARCH_DIRS: {item!r} is not NAME=GRID_DIR:TARGETED_DIR")
+        out[name] = (Path(g), Path(t))
     return out
 
 
 def bench_search(out: Path, only: list[str] | None = None) -> dict:
     """`gradauth bench search`: grid vs targeted on the quickstart and the CIFAR-10 CPU config, side by side.
-    $GRADAUTH_BENCH_ONLY=quickstart runs only the named pairs (the CIFAR pair takes long on a CPU)."""
+    $GRADAUTH_BENCH_ONLY=quickstart runs only the named pairs (the CIFAR pair takes long on a CPU);
+    $GRADAUTH_BENCH_SEARCH_DIRS=cifar10-cpu=GRID_DIR:TARGETED_DIR measures a pair from two finished sweeps on one
+    base (`gradauth sweep CONFIG --out DIR` each) instead of running them."""
     from .config import load_config
     root = Path(__file__).resolve().parents[1]
     only = only or [n for n in os.environ.get("GRADAUTH_BENCH_ONLY", "").split(",") if n.strip()] or None
+    dirs = _search_dirs()   # before minutes of measuring
     result = {"bench": "search", "machine": machine(), "load_average_before": os.getloadavg(), "runs": {}}
     if only and out.is_file():
         # a partial run ($GRADAUTH_BENCH_ONLY) keeps the other pairs' entries of the file, each with its own commit,
@@ -384,7 +420,7 @@ def bench_search(out: Path, only: list[str] | None = None) -> dict:
         gc, tc = load_config(root / "sweeps" / g), load_config(root / "sweeps" / t)
         load0 = os.getloadavg()
         with tempfile.TemporaryDirectory() as tmp:
-            run = bench_search_pair(name, gc, tc, Path(tmp), root / "results" / name)
+            run = bench_search_pair(name, gc, tc, Path(tmp), root / "results" / name, dirs.get(name))
         result["runs"][name] = run | {"git_sha": rundir.git_sha(), "machine": machine(), "load_average_before": load0,
                                       "load_average_after": os.getloadavg()}
         write_json(out, result)  # what was measured so far survives a later pair's failure

@@ -219,6 +219,9 @@ class SelectConfig:
 @dataclass
 class ReleaseConfig:
     noise_init: bool = opt(False, "bool")  # public model: pruned channels re-initialised with noise instead of zeros
+    # public model: the classifier head (every nn.Linear) redrawn at random. The trained head maps the base's features
+    # to classes; a thief who revives the locked channels keeps it for free (release.erase_head).
+    erase_head: bool = opt(False, "bool")
 
 
 _SEARCH_EPS = 1e-9
@@ -412,6 +415,8 @@ class Config:
         # Config.hash() of existing configs stay what they were.
         if self.search == SearchConfig():
             d.pop("search")
+        if not self.release.erase_head:   # likewise a release key added later, at its default
+            d["release"].pop("erase_head")
         return d
 
     def hash(self) -> str:

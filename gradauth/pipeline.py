@@ -104,7 +104,8 @@ def trial_context(cfg: Config, out: Path, ds: Dataset | None = None) -> TrialCon
         scores[imp.label] = get_importance(imp)(model, ds)
     return TrialContext(model.state_dict(), spec, scores, ds, info["base_acc"], lock_bound(cfg, ds.num_classes),
                         cfg.finetune.batch_size, cfg.finetune.momentum, cfg.finetune.weight_decay,
-                        {"git_sha": git_sha(), "config_hash": cfg.hash()}, cfg.finetune.precision)
+                        {"git_sha": git_sha(), "config_hash": cfg.hash()}, cfg.finetune.precision,
+                        cfg.release.erase_head)
 
 
 def sweep_stage(cfg: Config, out: Path, resume: bool = False, ds: Dataset | None = None):
@@ -137,6 +138,11 @@ def select_stage(out: Path, **overrides):
         if (out / rundir.CONFIG).is_file() or not (out / rundir.TRIALS).is_file():
             cfg = read_config(out)
             defaults = {k: v for k, v in vars(cfg.select).items() if v is not None} | {"experiment": cfg.name}
+            if cfg.search.mode == "targeted" and cfg.select.targets is None and (out / rundir.BASE_METRICS).is_file():
+                # the search's targets: the selector picks the level set nearest them (as the search hit them),
+                # not the lexicographic maximum, which may take another candidate a tolerance away
+                base_acc = float(rundir.read_base_info(out)["base_acc"])
+                defaults |= {"targets": cfg.search.resolve_targets(base_acc), "levels": cfg.search.levels}
         else:
             print(f"[select] {out} has no config.yaml: built-in defaults (3 levels, min_gap 0.05, max_locked_acc "
                   f"1/num_classes + 0.1)", file=sys.stderr)

@@ -116,10 +116,10 @@ def run_thief(ctx, spec: TrialSpec, device=None, ds=None, thief_init: str = "non
         s = ctx.spec
         model = build_model(s.arch, s.num_classes, s.in_channels, s.width)
     else:
-        from .release import revive
+        from .release import HEAD_SEED, revive
         from .trial import locked_model
         base, masks = locked_model(ctx, spec)
-        model = locked_copy(base, masks)
+        model = locked_copy(base, masks, head_seed=HEAD_SEED if ctx.erase_head else None)
         if thief_init == "revive":
             revive(model, seed=spec.seed)
     model.to(device)

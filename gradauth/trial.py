@@ -76,6 +76,7 @@ class TrialContext:
     weight_decay: float = 1e-4
     provenance: dict | None = None  # git_sha, config_hash
     precision: str = "auto"         # finetune.precision (engine.fast_path)
+    erase_head: bool = False        # release.erase_head: thief trials start from the public model as released
 
 
 def locked_model(ctx: TrialContext, t: TrialSpec) -> tuple[nn.Module, Masks]:

@@ -324,6 +324,31 @@ def test_noise_init_hides_the_lock_and_levels_still_unlock(sweep_dir, released, 
         rel.unlock_bytes(final, 3, released[1][3])
 
 
+def test_erase_head_redraws_the_public_models_classifier_and_nothing_else(sweep_dir, released, tmp_path):
+    """release.erase_head: the trained head is what a thief who revives every locked channel keeps; the public model
+    gets a random one (nn.Linear's own init), every other weight as the zeros release has it, the levels untouched."""
+    _, keys0, zeros_manifest = released
+    d = _variant(sweep_dir, tmp_path / "d", release__erase_head=True)
+    assert read_config(d).hash() != read_config(sweep_dir).hash()   # a config that says so, hashed as such
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        final = rel.release_dir(d)
+    keys = {int(k): v for k, v in re.findall(r"^level (\d+) .* key (\S+)$", stdout.getvalue(), re.M)}
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["locked"]["head"] == "redrawn" and zeros_manifest["locked"]["head"] == "trained"
+    pub, _, _ = rebuild(load_model_file(final / "locked.pt"))
+    zeros, _, _ = rebuild(load_model_file(sweep_dir / "release" / "locked.pt"))
+    a, b = pub.state_dict(), zeros.state_dict()
+    linear = {f"{n}.{p}" for n, m in pub.named_modules() if isinstance(m, torch.nn.Linear) for p in ("weight", "bias")}
+    assert linear and all(not torch.equal(a[k], b[k]) for k in linear)
+    assert all(torch.equal(a[k], b[k]) for k in a if k not in linear)
+    for k in linear:   # drawn as nn.Linear draws: uniform within ±1/√fan_in
+        fan_in = a[k.rsplit(".", 1)[0] + ".weight"].shape[1]
+        assert a[k].abs().max() <= 1 / fan_in ** 0.5
+    assert manifest["locked"]["test_acc"] <= 0.2
+    assert [lv["expected_acc"] for lv in manifest["levels"]] == [lv["expected_acc"] for lv in zeros_manifest["levels"]]
+    assert rel.unlock_bytes(final, 1, keys[1])
+
+
 @pytest.mark.subprocess
 def test_gradauth_import_does_not_load_torch():
     import subprocess

@@ -380,6 +380,11 @@ def test_search_trial_runs_each_phase_as_a_plain_function(quick_ctx):
     assert rev["trial_id"] == "thief-" + strong.trial_id + "-revive" and rev["thief_init"] == "revive"
     assert rel["trial_id"] == "thief-" + strong.trial_id and rel["prun_acc"] == rev["prun_acc"]
     assert rev["fine_acc"] != rel["fine_acc"]
+    # release.erase_head: the thief starts from the public model as released, its classifier head redrawn
+    import dataclasses
+    headless = dataclasses.replace(quick_ctx, erase_head=True)
+    hl = search_trial(headless, {"trial": asdict(strong), "phase": "thief", "thief": "public", "thief_init": "revive"})[0]
+    assert hl["trial_id"] == rev["trial_id"] and hl["fine_acc"] != rev["fine_acc"]
     with pytest.raises(GradauthError, match="thief_init"):
         search_trial(quick_ctx, {"trial": asdict(thief), "phase": "thief", "thief": "public", "thief_init": "x"})
     with pytest.raises(GradauthError, match="phase"):

@@ -236,6 +236,15 @@ def test_a_killed_targeted_sweep_is_finished_by_resume_every_trial_once(tmp_path
     for lv in s["levels"]:
         assert f"[search] level {lv['level']}: target {lv['target']:.3f} {lv['status']}" in err
     assert main(["status", str(out)]) == 0
+    # `gradauth select` of a targeted run selects for the search's targets (nearest), not the lexicographic maximum
+    assert main(["select", str(out)]) == 0
+    doc = json.loads((out / "levels.json").read_text())
+    assert doc["settings"]["targets"] == pytest.approx(s["targets"])
+    # the search's hits are one feasible level set, so the selector's set is no farther from the targets in total
+    hits = [lv["fine_acc"] for lv in s["levels"] if lv["status"] == "hit"]
+    if len(hits) == len(s["targets"]) and s["spaced"]:
+        dist = lambda accs: sum(abs(a - t) for a, t in zip(accs, s["targets"]))
+        assert dist([lv["fine_acc"] for lv in doc["levels"]]) <= dist(hits) + 1e-5
 
 
 # ------------------------------------------------------------------------------------------ bench search
@@ -248,10 +257,22 @@ def test_bench_search_compares_grid_and_targeted_on_one_base(tmp_path, tiny_cfg)
     grid = parse_config(tiny_cfg.to_dict() | {"sweep": tiny_cfg.to_dict()["sweep"] | {"lock_bound": 0.3},
                                               "lock": {"mode": "rate", "values": [0.25, 0.35]}})
     tgt = parse_config(grid.to_dict() | {"search": TARGETED})
+    dirs = (tmp_path / "grid", tmp_path / "targeted")
     try:
         r = bench_search_pair("tiny", grid, tgt, tmp_path)
+        # the same pair measured from the two finished sweeps (GRADAUTH_BENCH_SEARCH_DIRS): nothing runs again
+        again = bench_search_pair("tiny", grid, tgt, tmp_path / "unused", dirs=dirs)
     finally:
         ray.shutdown()
+    for side in ("grid", "targeted"):
+        assert {k: again[side][k] for k in ("trials", "trial_seconds", "levels")} == {
+            k: r[side][k] for k in ("trials", "trial_seconds", "levels")}
+        assert again[side]["wall_s"] is None
+    assert again["measured_from"]["grid"] == str(dirs[0]) and again["measured_from"]["targeted_git_sha"]
+    assert not (tmp_path / "unused").exists()
+    (dirs[1] / "base.pt").write_bytes(b"another base")
+    with pytest.raises(GradauthError, match="same base.pt"):
+        bench_search_pair("tiny", grid, tgt, tmp_path / "unused", dirs=dirs)
     g, t = r["grid"], r["targeted"]
     assert g["trials"] == g["grid_points"] == 2 and g["trial_seconds"] > 0 and g["wall_s"] > 0
     curve_tasks = t["trials"] - len(pd.read_parquet(tmp_path / "targeted" / "trials.parquet"))

@@ -9,9 +9,11 @@ rate r, every method prunes a copy of the base model, fine-tunes it, and measure
      many (input, output neuron) pairs the weight carried a nonzero contribution for) are summed over them. Ties
      (frequent at θ = 0, where a count does not see the weight's size) are broken by |w|.
    - `weight` (the paper's "Weight"): |w|.
-   - `channel` (the paper's "Channel"): the mean |w| of each output channel; whole channels go.
+   - `channel` (the paper's "Channel"): the mean |w| of each output channel; whole channels go. The logits layer
+     is left whole (its output channels are the classes: removing one would remove a class, so the baseline would
+     lose target classes outright); its `kept` fraction is therefore a little above 1 − r.
 2. Removal, per layer: the round(r · n) synapses with the lowest scores (`channel`: the round(r · channels) output
-   channels with the lowest means, each with all its synapses). A channel whose synapses are all gone goes too:
+   channels with the lowest means, each with all its synapses, in every layer but the logits layer). A channel whose synapses are all gone goes too:
    the BatchNorm that reads only that conv has the channel's γ and β zeroed (and a bias of that output, if any).
 3. Fine-tune: `epochs` (the paper: one) over at most `finetune` training inputs of the classes in S, with the
    removed synapses held at zero after every step (SGD, Nesterov momentum 0.9, cosine schedule, augmentation as in
@@ -101,6 +103,14 @@ def weighted_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
+def logits_layer(model: nn.Module) -> str | None:
+    """The weighted layer that computes the logits (None if the logits come from another op)."""
+    from .slicing.graph import Plan
+    plan = Plan(model)
+    step = plan.by_name[plan.logits]
+    return step.module if step.kind in ("conv", "linear") else None
+
+
 def bn_after(model: nn.Module) -> dict[str, str]:
     """Conv name -> the BatchNorm that reads its output and nothing else does (so a dead channel can go there)."""
     from .slicing.graph import Plan
@@ -132,10 +142,15 @@ def slice_scores(model: nn.Module, ds: Dataset, classes, s: Settings) -> tuple[d
 
 def masks_for(model: nn.Module, method: str, rate: float, counts: dict[str, torch.Tensor] | None = None) -> Masks:
     """Keep-masks removing the lowest `rate` of every weighted layer's synapses under `method` (per layer:
-    exactly round(rate · n) synapses, or round(rate · channels) whole output channels for `channel`)."""
+    exactly round(rate · n) synapses, or round(rate · channels) whole output channels for `channel`, which leaves
+    the logits layer whole: its output channels are the classes)."""
     masks = {}
+    head = logits_layer(model) if method == "channel" else None
     for name, m in weighted_layers(model).items():
         w = m.weight.detach().cpu().double()
+        if name == head:  # its output channels are the classes: removing one removes a class, not a feature
+            masks[name] = torch.ones(w.shape, dtype=torch.bool)
+            continue
         if method == "channel":
             per = w.abs().reshape(w.shape[0], -1).mean(1)
             k = int(round(rate * w.shape[0]))
@@ -301,7 +316,7 @@ def _report(out: Path, df, s: Settings, n_subsets: int, seconds: float) -> None:
              f"{s.finetune} target-class training inputs (lr {s.lr:g}). Accuracy: target-class test inputs, the "
              f"argmax restricted to the subset's classes (as in the paper). `slice`: contribution counts of "
              f"{s.samples} target-class training inputs per subset (criterion: the label; θ = {s.theta:g}); "
-             f"`weight`: |w|; `channel`: whole output channels by mean |w|. Unpruned: {base:.3f}. "
+             f"`weight`: |w|; `channel`: whole output channels by mean |w| (the logits layer left whole). Unpruned: {base:.3f}. "
              f"Took {seconds:.0f} s.", "",
              "| method | r | kept | acc before fine-tune | acc after | ± (std over subsets) | acc after, all classes |",
              "|---|---|---|---|---|---|---|"]

@@ -13,7 +13,7 @@ from gradauth.cli import main
 from gradauth.config import Config, DetectConfig, SimplifyConfig, load_config, parse_config
 from gradauth.data import load_dataset
 from gradauth.errors import GradauthError
-from gradauth.simplify import (Pruned, class_subsets, finetune_pruned, masks_for, of_classes, simplify,
+from gradauth.simplify import (Pruned, class_subsets, finetune_pruned, logits_layer, masks_for, of_classes, simplify,
                                slice_scores, target_accuracy, weighted_layers)
 
 
@@ -72,7 +72,11 @@ def test_exactly_the_requested_fraction_per_layer(base, rate):
             assert masks[name].shape == m.weight.shape
             assert int((~masks[name]).sum()) == round(rate * n), (method, name)
     masks = masks_for(model, "channel", rate)
+    head = logits_layer(model)
+    assert head == "classifier" and bool(masks[head].all())  # the classes stay
     for name, m in layers.items():
+        if name == head:
+            continue
         gone = ~masks[name].reshape(m.weight.shape[0], -1).any(1)
         assert int(gone.sum()) == round(rate * m.weight.shape[0])
         assert bool((masks[name].reshape(m.weight.shape[0], -1).all(1) | gone).all())  # whole channels only

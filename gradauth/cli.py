@@ -72,16 +72,31 @@ def cmd_slice(a):
 
 
 def cmd_detect(a):
-    from .detect import detect, load, settings_from
+    from .config import load_config, with_overrides
+    from .detect import detect
     from .pipeline import out_dir_for
-    cfg, raw = load(a.config)
-    settings = settings_from(raw, {"normal": a.normal, "clean": a.clean, "attacks": a.attacks,
-                                   "samples": a.samples, "seconds": a.seconds, "features": a.features,
-                                   "theta": a.theta, "seed": a.seed})
+    cfg = load_config(a.config)
+    settings = with_overrides(cfg.detect, "detect", {
+        "normal": a.normal, "clean": a.clean, "attacks": a.attacks, "samples": a.samples, "seconds": a.seconds,
+        "features": a.features, "theta": a.theta, "seed": a.seed})
     from .runlock import run_lock
     out = out_dir_for(cfg, a.out)
     with run_lock(out, "detect", create=False):  # detect needs DIR/base.pt: a missing DIR is refused, not made
         print(detect(cfg, out, settings))
+
+
+def cmd_simplify(a):
+    from .config import load_config, with_overrides
+    from .pipeline import out_dir_for
+    from .runlock import run_lock
+    from .simplify import simplify
+    cfg = load_config(a.config)
+    settings = with_overrides(cfg.simplify, "simplify", {
+        "k": a.k, "subsets": a.subsets, "classes": a.classes, "rates": a.rates, "methods": a.methods,
+        "samples": a.samples, "theta": a.theta, "finetune": a.finetune, "seed": a.seed})
+    out = out_dir_for(cfg, a.out)
+    with run_lock(out, "simplify", create=False):  # simplify needs DIR/base.pt: a missing DIR is refused, not made
+        print(simplify(cfg, out, settings))
 
 
 def cmd_report(a):
@@ -155,6 +170,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seconds", type=float, help="budget: no new batch after this many seconds per attack and ε")
     s.add_argument("--features", choices=["channel", "neuron"]), s.add_argument("--theta", type=float)
     s.add_argument("--seed", type=int)
+    s = add("simplify", cmd_simplify, "NNSlicer class-targeted simplification of the base model → simplify.parquet, "
+            "simplify.md, plots/simplify.png (settings: flags, or a simplify: mapping in the config)")
+    s.add_argument("config"), s.add_argument("--out")
+    s.add_argument("--k", type=int, help="classes per sampled subset")
+    s.add_argument("--subsets", type=int, help="how many k-class subsets to sample (seeded)")
+    s.add_argument("--classes", nargs="+", help="explicit class subsets instead, e.g. 0,1,2,3 3,5,7,9")
+    s.add_argument("--rates", type=float, nargs="+", help="fractions r of synapses removed per layer, e.g. 0.5 0.9")
+    s.add_argument("--methods", nargs="+", help="slice weight channel (default: all three)")
+    s.add_argument("--samples", type=int, help="target-class inputs sliced per subset")
+    s.add_argument("--theta", type=float), s.add_argument("--seed", type=int)
+    s.add_argument("--finetune", type=int, help="at most this many target-class inputs for the fine-tune")
     s = add("report", cmd_report, "report.md and plots/*.png")
     s.add_argument("dir")
     s = add("attack", cmd_attack, "the thief's view: fine-tune the public model with some data")

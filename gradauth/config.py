@@ -224,6 +224,123 @@ class ReleaseConfig:
     erase_head: bool = opt(False, "bool")
 
 
+# ---- detect: `gradauth detect` (detect.py), NNSlicer's adversarial-input detection -----------------------------
+# The attack names are plain text, checked here (no torch, no Foolbox): detect.py runs them.
+ATTACK_NAMES = ("FGSM", "PGD", "DeepFool-L2", "DeepFool-Linf", "CW-L2", "Boundary", "Spatial", "PointWise",
+                "GaussianBlur")
+NOT_IN_FOOLBOX = ("JSMA", "ADef", "SinglePixel", "LocalSearch")
+DEFAULT_ATTACKS = "FGSM:0.0078,0.0157,0.0314;PGD:0.0078,0.0157,0.0314;DeepFool-L2;DeepFool-Linf;CW-L2;Boundary;" \
+                  "Spatial;PointWise;GaussianBlur"  # the paper's 13 that Foolbox 3 has, ε 2/4/8 of 255
+FEATURES = ("channel", "neuron")
+
+
+def parse_attacks(text: str) -> list[tuple[str, float | None]]:
+    """"FGSM:0.03,0.06;DeepFool-L2" -> [("FGSM", 0.03), ("FGSM", 0.06), ("DeepFool-L2", None)]."""
+    known = {n.lower(): n for n in ATTACK_NAMES}
+    out = []
+    if not isinstance(text, str) or not text.strip():
+        raise GradauthError(f"detect attacks {text!r}: give NAME[:ε,ε…] separated by ';', e.g. 'FGSM:0.03;CW-L2'")
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        name, _, eps = part.partition(":")
+        name = name.strip()
+        if name.lower() not in known:
+            extra = f" ({name} is not in Foolbox 3.3.4)" if name.lower() in {n.lower() for n in NOT_IN_FOOLBOX} else ""
+            raise GradauthError(f"unknown attack {name!r}{extra}: choose from {', '.join(ATTACK_NAMES)}")
+        name = known[name.lower()]
+        fixed = name in ("FGSM", "PGD")
+        if not eps.strip():
+            if fixed:
+                raise GradauthError(f"attack {name} needs ε, e.g. '{name}:0.03' (ε in [0, 1] pixel units)")
+            out.append((name, None))
+            continue
+        if not fixed:
+            raise GradauthError(f"attack {name} is a minimisation attack and takes no ε: write just '{name}'")
+        for e in eps.split(","):
+            try:
+                v = float(e)
+            except ValueError:
+                raise GradauthError(f"attack {name}: ε {e.strip()!r} is not a number (ε in (0, 1] pixel units)")
+            if not (0 < v <= 1) or math.isnan(v):
+                raise GradauthError(f"attack {name}: ε {v:g} is outside the data's range: pixels are in [0, 1], so "
+                                    "ε must be in (0, 1] (the paper's 2/255 is 0.0078)")
+            out.append((name, v))
+    if not out:
+        raise GradauthError("detect attacks: none given; e.g. 'FGSM:0.03;CW-L2'")
+    return out
+
+
+def _attacks_problem(text: str) -> str | None:
+    try:
+        parse_attacks(text)
+    except GradauthError as e:
+        return str(e)
+    return None
+
+
+@dataclass
+class DetectConfig:
+    """`gradauth detect` only (detect.py): its settings (`detect.Settings` is this class)."""
+    normal: int = opt(1000, "int", lo=2)     # normal training inputs the classifiers learn from (≥ 2: more than one class)
+    clean: int = opt(200, "int", lo=1)       # correctly classified test inputs for the false-positive rate
+    attacks: str = opt(DEFAULT_ATTACKS, "str", check=_attacks_problem)  # "NAME[:ε,ε…];NAME…" (ε in [0, 1] pixel units, fixed-size attacks only)
+    samples: int = opt(100, "int", lo=1)     # per attack (and ε): at most this many inputs attacked
+    seconds: float = opt(120.0, "float", lo=0, lo_open=True)  # per attack (and ε): no new batch after this
+    features: str = opt("channel", "str", choices=lambda: FEATURES)  # channel: Σ|CONTRIB| per channel | neuron: every neuron's CONTRIB
+    theta: float = opt(0.3, "float", lo=0)   # NNSlicer's θ; at θ = 0 the slice gives the criterion class away (see detect.md)
+    seed: int = opt(0, "int", lo=0, hi=SEED_MAX)
+    batch: int = opt(32, "int", lo=1)
+    trees: int = opt(100, "int", lo=1)       # forest size
+
+
+# ---- simplify: `gradauth simplify` (simplify.py), NNSlicer's class-targeted simplification ------------------------
+SIMPLIFY_METHODS = ("slice", "weight", "channel")
+
+
+def _class_list_problem(text: str) -> str | None:
+    try:
+        parse_classes(text)
+    except GradauthError as e:
+        return str(e)
+    return None
+
+
+def parse_classes(text: str) -> tuple[int, ...]:
+    """"0,3,5,8" -> (0, 3, 5, 8): one class subset, class numbers (0…classes−1), each once, at least two."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        classes = tuple(int(p) for p in parts)
+    except ValueError:
+        raise GradauthError(f"class subset {text!r} is not a list of class numbers: write e.g. '0,3,5,8'")
+    if any(c < 0 for c in classes):
+        raise GradauthError(f"class subset {text!r} names a negative class: classes are numbered from 0")
+    if len(set(classes)) != len(classes):
+        raise GradauthError(f"class subset {text!r} names a class more than once: give each class once")
+    if len(classes) < 2:
+        raise GradauthError(f"class subset {text!r} has {len(classes)} class: classification needs at least 2")
+    return classes
+
+
+@dataclass
+class SimplifyConfig:
+    """`gradauth simplify` only (simplify.py): class subsets, removal rates and the fine-tune."""
+    k: int = opt(4, "int", lo=2)                # classes per subset (the paper: 4 of CIFAR-10's 10)
+    subsets: int = opt(10, "int", lo=1)         # seeded sample of the k-class subsets (all of them when fewer exist)
+    classes: list[str] | None = opt(None, "str", many=True, optional=True, unique=True, check=_class_list_problem)  # explicit subsets, e.g. ['0,1,2,3', '3,5,7,9'], instead of k and subsets
+    rates: list[float] = opt([0.5, 0.7, 0.9], "float", many=True, lo=0, hi=1, lo_open=True, hi_open=True,
+                             unique=True, empty="give at least one removal rate in (0, 1)")  # fraction r of synapses removed per layer
+    methods: list[str] = opt(list(SIMPLIFY_METHODS), "str", many=True, choices=lambda: SIMPLIFY_METHODS, unique=True,
+                             empty="give at least one method")  # slice (NNSlicer) | weight (lowest |w|) | channel (lowest mean |w| per channel)
+    samples: int = opt(200, "int", lo=1)        # target-class training inputs sliced per subset
+    theta: float = opt(0.3, "float", lo=0)      # NNSlicer's θ for the slices (at 0 a count does not see a weight's size)
+    finetune: int = opt(1000, "int", lo=0)      # at most this many target-class training inputs for the fine-tune (0: none)
+    epochs: int = opt(1, "int", lo=0)           # fine-tune epochs over them (the paper: 1)
+    lr: float = opt(0.001, "float", lo=0, lo_open=True)  # 0.01 wrecks even the unpruned quickstart model on 4 classes
+    batch: int = opt(64, "int", lo=1)
+    seed: int = opt(0, "int", lo=0, hi=SEED_MAX)
+
+
 _SEARCH_EPS = 1e-9
 
 
@@ -407,6 +524,8 @@ class Config:
     select: SelectConfig = field(default_factory=SelectConfig)
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    simplify: SimplifyConfig = field(default_factory=SimplifyConfig)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -417,10 +536,18 @@ class Config:
             d.pop("search")
         if not self.release.erase_head:   # likewise a release key added later, at its default
             d["release"].pop("erase_head")
+        for k in ANALYSES:  # likewise the analyses' sections at their defaults
+            if getattr(self, k) == SECTIONS[k]():
+                d.pop(k)
         return d
 
     def hash(self) -> str:
-        return _digest(self.to_dict())
+        """What the trials depend on: the resolved config less the analyses' sections (`detect`, `simplify`), which
+        only configure commands that read the base model, so adding one never makes a folder's trials stale."""
+        d = self.to_dict()
+        for k in ANALYSES:
+            d.pop(k, None)
+        return _digest(d)
 
     def base_hash(self) -> str:
         """What the base model depends on (seed, data, model, train), so a changed lock, importance or schedule grid
@@ -692,11 +819,26 @@ def _validate(c: Config, problems: list[str], bad: set[str]) -> None:
 
 
 TOP_LEVEL = {"name", "seed", "data", "model", "train", "importance", "lock", "finetune", "sweep", "select", "release",
-             "search"}
+             "search", "detect", "simplify"}
 SECTIONS = {
     "data": DataConfig, "model": ModelConfig, "train": TrainConfig, "lock": LockConfig,
     "finetune": FinetuneConfig, "sweep": SweepConfig, "select": SelectConfig, "release": ReleaseConfig,
+    "detect": DetectConfig, "simplify": SimplifyConfig,
 }
+ANALYSES = ("detect", "simplify")  # sections of commands that only read the base model: not in Config.hash()
+
+
+def with_overrides(section: Any, where: str, overrides: dict) -> Any:
+    """`section` (a SECTIONS dataclass) with command-line values (None = not given) put in, every value checked by
+    the section's rules as in a config file; every problem in one GradauthError line."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given:
+        return section
+    problems: list[str] = []
+    out = _build(type(section), {**dataclasses.asdict(section), **given}, where, problems, set())
+    if problems:
+        raise GradauthError("; ".join(problems))
+    return out
 
 
 def _search(raw: Any, lock: Any, problems: list[str]) -> SearchConfig:

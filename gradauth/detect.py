@@ -20,9 +20,8 @@ Slices go through the exact slicer (`vectorized.backward`, whose visit hook hand
 map); with a Ray already initialised in the process, batches are sliced by Ray tasks (distributed.py's forward
 actor, one backward task per batch).
 
-Settings: CLI flags, or a `detect:` mapping in the config YAML (read here and removed before the project config is
-parsed, so config.py needs no change yet; folding it in later means one `DetectConfig` dataclass with the fields of
-`Settings` and "detect" in config.TOP_LEVEL). Output: `detect.parquet`, `detect.md`, `plots/detect.png` in the
+Settings: the config's `detect:` section (config.DetectConfig, checked by its rules like every section; at its
+defaults it is left out of config.yaml, and it is never part of the config hash), CLI flags override it. Output: `detect.parquet`, `detect.md`, `plots/detect.png` in the
 run's output folder (`runs/<name>/` or --out), next to `base.pt`, which must exist (`gradauth train CONFIG`).
 """
 from __future__ import annotations
@@ -30,7 +29,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from . import rundir
+from .config import ATTACK_NAMES, DEFAULT_ATTACKS, FEATURES, NOT_IN_FOOLBOX, DetectConfig, parse_attacks  # noqa: F401
 from .errors import GradauthError
 from .fsutil import atomic_path, write_text
 
@@ -62,13 +62,6 @@ def _attacks():
     }
 
 
-ATTACK_NAMES = ("FGSM", "PGD", "DeepFool-L2", "DeepFool-Linf", "CW-L2", "Boundary", "Spatial", "PointWise",
-                "GaussianBlur")
-NOT_IN_FOOLBOX = ("JSMA", "ADef", "SinglePixel", "LocalSearch")
-DEFAULT_ATTACKS = "FGSM:0.0078,0.0157,0.0314;PGD:0.0078,0.0157,0.0314;DeepFool-L2;DeepFool-Linf;CW-L2;Boundary;" \
-                  "Spatial;PointWise;GaussianBlur"  # the paper's 13 that Foolbox 3 has, ε 2/4/8 of 255
-FEATURES = ("channel", "neuron")
-
 SCHEMA = pa.schema([
     ("detector", pa.string()), ("classifier", pa.string()), ("attack", pa.string()), ("epsilon", pa.float64()),
     ("attempted", pa.int64()), ("succeeded", pa.int64()), ("success_rate", pa.float64()),
@@ -77,106 +70,7 @@ SCHEMA = pa.schema([
     ("budget_seconds", pa.float64())])
 
 
-@dataclass
-class Settings:
-    normal: int = 1000          # normal training inputs the classifiers learn from
-    clean: int = 200            # correctly classified test inputs for the false-positive rate
-    attacks: str = DEFAULT_ATTACKS  # "NAME[:ε,ε…];NAME…" (ε in [0, 1] pixel units, fixed-size attacks only)
-    samples: int = 100          # per attack (and ε): at most this many inputs attacked
-    seconds: float = 120.0      # per attack (and ε): no new batch after this
-    features: str = "channel"
-    theta: float = 0.3          # NNSlicer's θ; at θ = 0 the slice gives the criterion class away (see detect.md)
-    seed: int = 0
-    batch: int = 32
-    trees: int = 100            # forest size
-
-
-def parse_attacks(text: str) -> list[tuple[str, float | None]]:
-    """"FGSM:0.03,0.06;DeepFool-L2" -> [("FGSM", 0.03), ("FGSM", 0.06), ("DeepFool-L2", None)]."""
-    known = {n.lower(): n for n in ATTACK_NAMES}
-    out = []
-    if not isinstance(text, str) or not text.strip():
-        raise GradauthError(f"detect attacks {text!r}: give NAME[:ε,ε…] separated by ';', e.g. 'FGSM:0.03;CW-L2'")
-    for part in text.split(";"):
-        if not part.strip():
-            continue
-        name, _, eps = part.partition(":")
-        name = name.strip()
-        if name.lower() not in known:
-            extra = f" ({name} is not in Foolbox 3.3.4)" if name.lower() in {n.lower() for n in NOT_IN_FOOLBOX} else ""
-            raise GradauthError(f"unknown attack {name!r}{extra}: choose from {', '.join(ATTACK_NAMES)}")
-        name = known[name.lower()]
-        fixed = name in ("FGSM", "PGD")
-        if not eps.strip():
-            if fixed:
-                raise GradauthError(f"attack {name} needs ε, e.g. '{name}:0.03' (ε in [0, 1] pixel units)")
-            out.append((name, None))
-            continue
-        if not fixed:
-            raise GradauthError(f"attack {name} is a minimisation attack and takes no ε: write just '{name}'")
-        for e in eps.split(","):
-            try:
-                v = float(e)
-            except ValueError:
-                raise GradauthError(f"attack {name}: ε {e.strip()!r} is not a number (ε in (0, 1] pixel units)")
-            if not (0 < v <= 1) or math.isnan(v):
-                raise GradauthError(f"attack {name}: ε {v:g} is outside the data's range: pixels are in [0, 1], so "
-                                    "ε must be in (0, 1] (the paper's 2/255 is 0.0078)")
-            out.append((name, v))
-    if not out:
-        raise GradauthError("detect attacks: none given; e.g. 'FGSM:0.03;CW-L2'")
-    return out
-
-
-def settings_from(raw: dict | None, overrides: dict) -> Settings:
-    """Settings from a config's `detect:` mapping and CLI overrides (None = not given); bad values: one line."""
-    if raw is not None and not isinstance(raw, dict):
-        raise GradauthError("detect: must be a mapping of settings")
-    raw = dict(raw or {})
-    names = {f.name: f for f in fields(Settings)}
-    unknown = [k for k in raw if k not in names]
-    if unknown:
-        raise GradauthError(f"detect: unknown key(s) {unknown} (known: {', '.join(names)})")
-    raw |= {k: v for k, v in overrides.items() if v is not None}
-    s = Settings()
-    for k, v in raw.items():
-        typ = type(getattr(s, k))
-        try:
-            val = typ(v) if not isinstance(v, bool) else None
-        except (TypeError, ValueError):
-            val = None
-        if val is None:
-            raise GradauthError(f"detect.{k}: {v!r} is not a {typ.__name__}")
-        setattr(s, k, val)
-    for k in ("normal", "clean", "samples", "batch", "trees"):
-        if getattr(s, k) < 1:
-            raise GradauthError(f"detect.{k} = {getattr(s, k)} must be ≥ 1")
-    if s.normal < 2:
-        raise GradauthError("detect.normal must be ≥ 2: the classifiers need normal inputs of more than one class")
-    if not s.seconds > 0:
-        raise GradauthError(f"detect.seconds = {s.seconds} must be > 0")
-    if s.features not in FEATURES:
-        raise GradauthError(f"detect.features {s.features!r}: choose {' or '.join(FEATURES)}")
-    if not s.theta >= 0:
-        raise GradauthError(f"detect.theta {s.theta} must be ≥ 0")
-    parse_attacks(s.attacks)
-    return s
-
-
-def load(config_path: str) -> tuple:
-    """(project Config, the `detect:` mapping) from one YAML, read as strictly as every config (read_yaml:
-    duplicate keys, non-UTF-8, binary, empty and directory paths are one line)."""
-    from .config import parse_config, read_yaml
-    path = Path(config_path)
-    raw, duplicates = read_yaml(path)
-    if duplicates:
-        raise GradauthError(f"{path}: " + "; ".join(duplicates))
-    det = None
-    if isinstance(raw, dict) and "detect" in raw:
-        det = raw.pop("detect")
-        if not isinstance(det, dict):
-            raise GradauthError(f"{path}: detect: must be a mapping of settings (normal, clean, attacks, …)")
-    return parse_config(raw, str(path)), det
+Settings = DetectConfig  # the `detect:` config section (config.py declares its fields and their rules)
 
 
 # ---- features ---------------------------------------------------------------------------------------------------

@@ -58,7 +58,8 @@ def _config_keys(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-@pytest.mark.parametrize("section", ["data", "model", "train", "lock", "finetune", "sweep", "select", "release"])
+@pytest.mark.parametrize("section", ["data", "model", "train", "lock", "finetune", "sweep", "select", "release",
+                                     "detect", "simplify"])
 def test_every_config_key_is_documented(section):
     from gradauth.config import SECTIONS
     heading = next(h for h in re.findall(r"^### (`[a-z]+`.*)$", DOC.read_text(encoding="utf-8"), re.M)
@@ -107,4 +108,10 @@ def test_detect_settings_and_columns_are_documented():
     from gradauth.detect import SCHEMA, Settings
     assert set(_table(_section("`detect` (`gradauth detect` only, `detect.py`)"))) == set(_config_keys(Settings))
     rows = _table(_section("detect.parquet, detect.md, plots/detect.png (`detect.py`)"))
+    assert {n: c[0] for n, c in rows.items()} == {f.name: str(f.type) for f in SCHEMA}
+
+
+def test_simplify_columns_are_documented():
+    from gradauth.simplify import SCHEMA
+    rows = _table(_section("simplify.parquet, simplify.md, plots/simplify.png (`simplify.py`)"))
     assert {n: c[0] for n, c in rows.items()} == {f.name: str(f.type) for f in SCHEMA}

@@ -283,7 +283,10 @@ def _level_dict(level: int, c: pd.Series) -> dict:
             "fine_acc": r(c["fine_acc"]), "fine_acc_std": r(c["fine_acc_std"]), "prun_acc": r(c["prun_acc"]),
             "trial_ids": list(c["trial_ids"]), "importance": c["importance"],
             "locked_channels": int(c["locked_channels"]), "fine_top3": r(c["fine_top3"]),
-            "fine_top3_std": r(c["fine_top3_std"]), "seeds": int(c["seeds"])}
+            "fine_top3_std": r(c["fine_top3_std"]), "seeds": int(c["seeds"]),
+            # a synapse lock says so; a channel level stays as levels.json always wrote it
+            **({"lock_granularity": str(c["lock_granularity"])}
+               if str(c.get("lock_granularity", "channel")) != "channel" else {})}
 
 
 def _reject(trial_ids, kind: str, why: str) -> list[dict]:

@@ -648,9 +648,9 @@ def _importances(raw: Any, problems: list[str], bad: set[str], synapse: bool = F
             out.append(ImportanceConfig(name=item))
             continue
         name = item.get("name") if isinstance(item, dict) else item
-        if not synapse and isinstance(name, str) and isinstance(_importance_entry(name), _SynapseOnly):
-            problems.append(f"`{where}` {name} ranks synapses, not channels: set lock.granularity: synapse, or use "
-                            f"{', '.join(NAME_RULE.choice_list())}")
+        if not synapse and name in SYNAPSE_IMPORTANCE and isinstance(_importance_entry(name), _SynapseOnly):
+            problems.append(f"`{where}` {name!r} is not one of {', '.join(NAME_RULE.choice_list())} ({name} ranks "
+                            f"synapses: use it with lock.granularity: synapse)")
             bad.add("importance")
             continue
         if isinstance(item, str):  # a bare name: checked by the `name` field's own rule

@@ -260,8 +260,10 @@ def _levels_section(sel: dict | None, note: str | None = None) -> list[str]:
     if sel is None:
         return ["## Levels", "", "No levels.json yet: run `gradauth select DIR` to choose the levels.", ""]
     how = {1: "each level has its own lock", 2: "all levels share one locked model"}.get(sel.get("method"), "")
-    rows = [[lv["level"], f"{lv.get('importance', '')} {lock_label(lv['lock_mode'], lv['lock_value'])}"
-             + (f" ({lv['locked_channels']} ch)" if "locked_channels" in lv else ""),
+    syn = lambda lv: lv.get("lock_granularity") == "synapse"
+    rows = [[lv["level"], f"{lv.get('importance', '')} "
+             f"{lock_label(lv['lock_mode'], lv['lock_value'], lv.get('lock_granularity', 'channel'))}"
+             + (f" ({lv['locked_channels']} {'syn' if syn(lv) else 'ch'})" if "locked_channels" in lv else ""),
              schedule_label(lv["schedule"]), _acc(lv["prun_acc"]), f"{lv['fine_acc']:.3f} ± {lv['fine_acc_std']:.3f}",
              _acc(lv.get("fine_top3")), lv.get("seeds", len(lv["trial_ids"]))] for lv in sel["levels"]]
     s = sel.get("settings", {})

@@ -421,7 +421,8 @@ def _infeasible(df, groups, cands, L, settings) -> str:
 def format_table(selection: Selection) -> str:
     """The chosen levels as a fixed-width table for the terminal."""
     head = ["level", "lock", "schedule", "prun_acc", "fine_acc ± std", "top-3", "seeds"]
-    rows = [[str(lv["level"]), f"{lv['importance']} {lock_label(lv['lock_mode'], lv['lock_value'])}",
+    rows = [[str(lv["level"]), f"{lv['importance']} "
+             f"{lock_label(lv['lock_mode'], lv['lock_value'], lv.get('lock_granularity', 'channel'))}",
              schedule_label(lv["schedule"]), f"{lv['prun_acc']:.3f}",
              f"{lv['fine_acc']:.3f} ± {lv['fine_acc_std']:.3f}", f"{lv['fine_top3']:.3f}", str(lv["seeds"])]
             for lv in selection.levels]

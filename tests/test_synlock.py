@@ -83,7 +83,7 @@ def test_threshold_and_unknown_importances_are_refused_in_one_line():
     assert "takes lock.mode rate" in refused("weight", {"granularity": "synapse", "mode": "threshold",
                                                         "values": [0.5]})
     assert "bn_gamma ranks channels" in refused("bn_gamma", {"granularity": "synapse", "values": [0.5]})
-    assert "ranks synapses, not channels" in refused("random", {"values": [0.1]})
+    assert "'random' is not one of bn_gamma, slice (random ranks synapses" in refused("random", {"values": [0.1]})
     assert "'taylor' is not one of" in refused("taylor", {"granularity": "synapse", "values": [0.5]})
     assert "is outside (0, 1)" in refused("weight", {"granularity": "synapse", "values": [1.0]})
     assert "is not one of channel, synapse" in refused("slice", {"granularity": "weights", "values": [0.5]})

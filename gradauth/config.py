@@ -114,11 +114,15 @@ class _SynapseOnly:
     check_data: Any = None
 
 
-def _importance_entry(name: str):
+def importance_entry(name: str):
+    """The registered criterion `name`, or the entry of a synapse-only importance (weight, random)."""
     from . import registry
     if name in SYNAPSE_IMPORTANCE and name not in registry.names("importance"):
         return _SynapseOnly(name)
     return registry.importance(name)
+
+
+_importance_entry = importance_entry
 
 
 def _default_settings(name: str):

@@ -44,9 +44,11 @@ def synapse_scores(imp, model: nn.Module, ds, seed: int = 0) -> Scores:
 
 def slice_synapse_scores(model: nn.Module, ds, classes=None, theta: float = 0.0, samples: int = 256) -> Scores:
     """Per-weight contribution counts (slicing/synapse.py) over the `slice` importance's inputs, ties broken by |w|."""
-    from .slicing.stage import _cpu_copy, profile_inputs, sliced_inputs
+    import copy
+
+    from .slicing.stage import profile_inputs, sliced_inputs
     from .slicing.synapse import synapse_partial
-    model = _cpu_copy(model)
+    model = copy.deepcopy(model).cpu().eval()
     x, y = sliced_inputs(ds, samples, classes)
     syn, _ = synapse_partial(model, profile_inputs(ds), x, theta, y if classes else None)
     out = {}

@@ -72,6 +72,14 @@ def test_synapse_lock_hides_exactly_the_requested_fraction_of_every_layer(syn_ct
         assert torch.equal(w[~hidden], base[~hidden]) and base[hidden].abs().max() >= base[~hidden].abs().min()
     again = synapse_scores(cfg.importance[2], model, ctx.ds, cfg.seed)
     assert all(torch.equal(again[n], ctx.scores["random"][n]) for n in again)
+    # release.noise_init: the hidden weights redrawn from their layer's kept ones, so no zero marks them
+    base_model = copy.deepcopy(model)
+    base_model.load_state_dict(ctx.base_state)
+    masks = synapse_masks(ctx.scores["weight"], "rate", 0.3)
+    noisy = rel.locked_copy(base_model, masks, noise_seed=1)
+    for name, w in synapse_params(noisy).items():
+        keep, kept = masks[name], synapse_params(base_model)[name][masks[name]]
+        assert torch.equal(w[keep], kept) and bool(torch.isin(w[~keep], kept).all()) and int((w == 0).sum()) == 0
 
 
 def test_threshold_and_unknown_importances_are_refused_in_one_line():

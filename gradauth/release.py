@@ -690,7 +690,8 @@ def release_dir(out: Path, new_keys: bool = False) -> Path:
 
 def _print_release(final: Path, kfile: Path, manifest: dict, keys: dict[int, bytes]) -> None:
     lk = manifest["locked"]
-    print(f"[release] public model {final / LOCKED}: {lk['locked_channels']}/{lk['total_channels']} channels locked "
+    what = "synapses hidden" if lk.get("lock_granularity") == "synapse" else "channels locked"
+    print(f"[release] public model {final / LOCKED}: {lk['locked_channels']}/{lk['total_channels']} {what} "
           f"({lk['init']}), accuracy {lk['test_acc']:.4f} ≤ bound {lk['lock_bound']:.4f}", file=sys.stderr)
     print(f"[release] public lock: {lk.get('why', '')}", file=sys.stderr)
     for lv in manifest["levels"]:

@@ -366,10 +366,17 @@ def _importance_section(trials: pd.DataFrame, bound: float, made: list[str]) -> 
         return []
     m = trials.dropna(subset=["prun_acc"]).groupby(["locked_channels", "importance"])["prun_acc"].mean().unstack()
     rows = [[_int(ch), *("–" if pd.isna(v) else _acc(v) for v in r)] for ch, r in m.iterrows()]
-    return ["## Importance sources", "", _fewest_channels(trials, bound), "",
-            "Locked accuracy (mean over seeds) by channels locked:", "",
-            *_table(["locked channels", *(f"`{c}`" for c in m.columns)], rows),
-            "![Importance sources](plots/importance.png)", ""]
+    out = ["## Importance sources", "", _fewest_channels(trials, bound), "",
+           "Locked accuracy (mean over seeds) by channels locked:", "",
+           *_table(["locked channels", *(f"`{c}`" for c in m.columns)], rows),
+           "![Importance sources](plots/importance.png)", ""]
+    if "lock_granularity" in trials and bool((trials["lock_granularity"] == "synapse").all()):
+        # a synapse sweep (lock.granularity: synapse): locked_channels counts hidden synapses
+        words = (("channels locked", "synapses hidden"), ("locked channels", "hidden synapses"),
+                 (" channels)", " synapses)"))
+        for a, b in words:
+            out = [line.replace(a, b) for line in out]
+    return out
 
 
 def _fewest_channels(trials: pd.DataFrame, bound: float) -> str:

@@ -84,8 +84,8 @@ from .finetune import finetune
 from .knobs import LockSpec, Schedule, columns, fill_defaults, from_row, schedule_dict, schedule_label, to_row
 from .fsutil import atomic_path, write_text
 from .importance import bn_gamma
-from .prune import count_removed, is_synapse, lock_masks, masks_from_model, synapse_masks
-from .release import MANIFEST, fresh_filters, locked_channels, locked_copy, public_model
+from .prune import count_removed, is_synapse, lock_masks, synapse_masks
+from .release import MANIFEST, locked_copy, public_model, revive
 from .schema import file_sha256, read_trials
 
 FRACTIONS = (0.01, 0.05, 0.1)   # of the labelled training split the thief holds
@@ -180,16 +180,33 @@ def _scores(name: str, cfg, base: nn.Module, ds: Dataset):
         return None
 
 
-def targets(out: Path, cfg, ds: Dataset, compare: bool = True) -> tuple[list[Target], dict]:
+def check_forms(forms, released_init: str) -> tuple:
+    """`forms` (None: every form of FORMS) as a tuple, refused in one line when unknown or when it lacks what the
+    head-start table compares (zeros and revive for a zeros release, noise for a noise_init one)."""
+    if forms is None:
+        return tuple(FORMS)
+    unknown = [f for f in forms if f not in FORMS]
+    if unknown or not forms or len(set(forms)) != len(forms):
+        raise GradauthError(f"--forms {','.join(forms)}: give distinct forms from {', '.join(FORMS)}")
+    need = {"noise"} if released_init == "noise" else {"zeros", "revive"}
+    if not need <= set(forms):
+        raise GradauthError(f"--forms {','.join(forms)} lacks {', '.join(sorted(need - set(forms)))}: the head-start "
+                            f"table compares the public model as released ({released_init}) with scratch")
+    return tuple(forms)
+
+
+def targets(out: Path, cfg, ds: Dataset, compare: bool = True, forms=None) -> tuple[list[Target], dict]:
     """The models the thief may start from, and what the public lock is."""
+    forms = check_forms(forms, "noise" if cfg.release.noise_init else "zeros")
     pub = public_model(out)
     doc, masks, importance, choice = pub["doc"], pub["masks"], pub["importance"], pub["choice"]
     base, spec, _ = rebuild(load_model_file(out / rundir.BASE))
     mode, value = str(choice["lock_mode"]), float(choice["lock_value"])
     n = count_removed(masks)[0]
     synapse = is_synapse(masks)
-    found = _lock_targets("public", importance, mode, value, base, masks, ds,
-                          SYNAPSE_FORMS if synapse else tuple(FORMS))
+    if synapse:  # a synapse lock has no filters to keep: the kept forms are left out
+        forms = tuple(f for f in forms if f in SYNAPSE_FORMS)
+    found = _lock_targets("public", importance, mode, value, base, masks, ds, forms)
     if compare and synapse:
         found += synapse_alt_targets(cfg, base, ds, value)
     elif compare:
@@ -267,22 +284,6 @@ def _lock_targets(kind: str, importance: str, mode: str, value: float, base: nn.
     return found
 
 
-@torch.no_grad()
-def revive(model: nn.Module, seed: int = 0) -> int:
-    """What a thief does first with a zeros release: every channel whose γ and β are both exactly 0 (every locked
-    channel: the zeros show them) gets BN's initial γ = 1, β = 0, and an all-zero conv filter feeding it a fresh
-    random one, so gradients flow through it again. Returns the number of channels revived."""
-    gen, n = torch.Generator().manual_seed(seed), 0
-    for bn, conv, dead in locked_channels(model, masks_from_model(model)):
-        bn.weight[dead], bn.bias[dead] = 1.0, 0.0
-        if conv is not None:
-            blank = dead & (conv.weight.flatten(1).abs().sum(1) == 0)
-            if blank.any():
-                conv.weight[blank] = fresh_filters(conv, blank, gen)
-        n += int(dead.sum())
-    return n
-
-
 def _sig(masks) -> bytes:
     return b"".join(k.encode() + masks[k].cpu().numpy().tobytes() for k in sorted(masks))
 
@@ -313,12 +314,15 @@ def runs(tg: Target, best: Schedule, fractions, n_train: int, batch: int) -> lis
     return out
 
 
-def run_attack(out_dir: str | Path, fractions=FRACTIONS, seeds=(0,), compare: bool = True) -> pd.DataFrame:
-    """`gradauth attack DIR`: DIR/attack.parquet and DIR/attack.md; returns the table."""
+def run_attack(out_dir: str | Path, fractions=FRACTIONS, seeds=(0,), compare: bool = True,
+               forms=None) -> pd.DataFrame:
+    """`gradauth attack DIR`: DIR/attack.parquet and DIR/attack.md; returns the table. `forms` (None: all of FORMS)
+    are the public model's forms attacked; `compare` adds the alt locks."""
     from .data import load_dataset
     from .rundir import git_sha, read_config
     out = Path(out_dir)
     cfg = read_config(out)
+    check_forms(forms, "noise" if cfg.release.noise_init else "zeros")   # before minutes of loading
     if not (out / rundir.TRIALS).is_file():
         raise GradauthError(f"{out / 'trials.parquet'} not found: run `gradauth sweep` (and `gradauth select`) first")
     bad = [f for f in fractions if not 0 < f <= 1]
@@ -326,7 +330,7 @@ def run_attack(out_dir: str | Path, fractions=FRACTIONS, seeds=(0,), compare: bo
         raise GradauthError(f"attacker fractions {bad} are outside (0, 1]: give fractions of the training split")
     ds = load_dataset(cfg.data, cfg.seed)
     derived = derived_from(out)
-    found, public = targets(out, cfg, ds, compare)
+    found, public = targets(out, cfg, ds, compare, forms)
     best = best_schedule(out, public["importance"], public["lock_mode"], public["lock_value"],
                          public["lock_granularity"])
     level_accs = [float(lv["fine_acc"]) for lv in sorted(public["levels"], key=lambda lv: int(lv["level"]))]

@@ -350,6 +350,7 @@ def bench_search_pair(name: str, grid_cfg, targeted_cfg, work: Path, base_from: 
             entry["trials"], entry["trial_seconds"] = int(summary["trials"]), float(summary["trial_seconds"])
             entry["seconds_by_phase"] = summary["seconds_by_phase"]
             entry["thief"] = summary["thief"]
+            entry["public_lock"] = summary.get("public_lock")   # the lock release would choose for the public model
             got = [lv.get("fine_acc") if lv["status"] == "hit" else None for lv in summary["levels"]]
             entry["missed"] = {str(lv["level"]): lv.get("why") for lv in summary["levels"] if lv["status"] != "hit"}
             entry["sellable"] = [lv.get("sellable") for lv in summary["levels"]]
@@ -369,12 +370,23 @@ def bench_search(out: Path, only: list[str] | None = None) -> dict:
     root = Path(__file__).resolve().parents[1]
     only = only or [n for n in os.environ.get("GRADAUTH_BENCH_ONLY", "").split(",") if n.strip()] or None
     result = {"bench": "search", "machine": machine(), "load_average_before": os.getloadavg(), "runs": {}}
+    if only and out.is_file():
+        # a partial run ($GRADAUTH_BENCH_ONLY) keeps the other pairs' entries of the file, each with its own commit,
+        # machine and load averages (a pair is only ever compared within itself)
+        try:
+            kept = json.loads(out.read_text()).get("runs", {})
+        except (OSError, ValueError, AttributeError):
+            kept = {}
+        result["runs"] = {k: v for k, v in kept.items() if isinstance(v, dict) and k not in only}
     for name, g, t in SEARCH_PAIRS:
         if only and name not in only:
             continue
         gc, tc = load_config(root / "sweeps" / g), load_config(root / "sweeps" / t)
+        load0 = os.getloadavg()
         with tempfile.TemporaryDirectory() as tmp:
-            result["runs"][name] = bench_search_pair(name, gc, tc, Path(tmp), root / "results" / name)
+            run = bench_search_pair(name, gc, tc, Path(tmp), root / "results" / name)
+        result["runs"][name] = run | {"git_sha": rundir.git_sha(), "machine": machine(), "load_average_before": load0,
+                                      "load_average_after": os.getloadavg()}
         write_json(out, result)  # what was measured so far survives a later pair's failure
     result["load_average_after"] = os.getloadavg()
     result["notes"] = ("trial_seconds: the sum of every trial's own seconds (lock-curve tasks and thief attacks "

@@ -95,7 +95,7 @@ def cmd_attack(a):
     from .attack import run_attack
     from .runlock import run_lock
     with run_lock(Path(a.dir), "attack", create=False):
-        run_attack(Path(a.dir))
+        run_attack(Path(a.dir), compare=not a.no_alt, forms=a.forms.split(",") if a.forms else None)
 
 
 def cmd_status(a):
@@ -159,6 +159,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("dir")
     s = add("attack", cmd_attack, "the thief's view: fine-tune the public model with some data")
     s.add_argument("dir")
+    s.add_argument("--forms", help="public-model forms to attack, comma-separated, from zeros, revive, noise, kept, "
+                                   "kept+revive (default: all; the head-start table needs zeros and revive, or noise "
+                                   "for a release.noise_init release)")
+    s.add_argument("--no-alt", action="store_true", help="skip the comparison locks (other importance sources and "
+                                                          "lock modes): the public lock and scratch only")
     s = add("status", cmd_status, "trials done / running / pending / failed and the levels so far")
     s.add_argument("dir")
     s = add("bench", cmd_bench, "a benchmark → results/bench/NAME.json")

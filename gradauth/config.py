@@ -247,13 +247,25 @@ _SEARCH_EPS = 1e-9
 
 
 # ---- search: the owner's intent for a targeted search (gradauth/search.py) ----------------------------------
+THIEF_FORMS = ("zeros", "revive")   # search.thief.forms → the thief_init column: zeros → none, revive → revive
 @dataclass
 class ThiefBudget:
     fractions: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1])  # of the labelled training split
     epochs: int = 30               # the thief's schedule on every fraction
     lr: float | None = None        # None: the search's largest lr
     seeds: int = 1
-    public_locks: str = "strongest"  # strongest: the strongest lockable lock | levels: also every hit level's lock
+    # The public-lock candidates the thief is run on (release picks one of them): strongest = the strongest lockable
+    # lock of the curve | levels = that and every hit level's lock | a list of lock values (e.g. [0.3, 0.5, 0.7]:
+    # the public model's lock is chosen for protection alone, so it may lock far more than any level).
+    public_locks: str | list = "strongest"
+    # How the thief starts from the public model: zeros = as `gradauth release` writes it (locked γ/β zero, filters
+    # erased); revive = the careful thief who resets the visible zeros (attack.py's `revive`). Each is a thief trial.
+    forms: list = field(default_factory=lambda: ["zeros", "revive"])
+
+    def trials(self) -> int:
+        """The fewest thief trials: per fraction and seed, one from scratch and one per public lock and form."""
+        pub = len(self.public_locks) if isinstance(self.public_locks, list) else 1
+        return len(self.fractions) * self.seeds * (1 + pub * len(self.forms))
 
 
 @dataclass
@@ -311,7 +323,7 @@ class SearchConfig:
         """The fewest trials any successful search needs: two curve tasks, one probe and the seeds of each level,
         the thief trials (scratch and public at each fraction)."""
         th = self.thief
-        return 2 + self.levels * self.seeds + 2 * len(th.fractions) * th.seeds
+        return 2 + self.levels * self.seeds + th.trials()
 
     def validate(self, base_acc: float, lock_bound: float, min_gap: float, lock_mode: str = "rate") -> list[float]:
         """Refuse an infeasible intent up front with one GradauthError line; returns the absolute targets."""
@@ -353,8 +365,20 @@ class SearchConfig:
         th = self.thief
         if not th.fractions or not all(isinstance(x, (int, float)) and 0 < x <= 1 for x in th.fractions):
             no(f"`search.thief.fractions` {th.fractions} must be fractions in (0, 1], e.g. [0.01, 0.05, 0.1]")
-        if th.public_locks not in ("strongest", "levels"):
-            no(f"`search.thief.public_locks` must be strongest or levels, got {th.public_locks!r}")
+        pl = th.public_locks
+        if isinstance(pl, list):
+            if (not pl or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < 1 for x in pl)
+                    or len(set(pl)) != len(pl)):
+                no(f"`search.thief.public_locks` {pl!r} must be strongest, levels, or a list of distinct lock rates "
+                   f"in (0, 1), e.g. [0.3, 0.5, 0.7]")
+            if lock_mode != "rate":
+                no("`search.thief.public_locks` as a list of lock values needs rate locks (lock.mode: rate)")
+        elif pl not in ("strongest", "levels"):
+            no(f"`search.thief.public_locks` must be strongest, levels or a list of lock rates, got {pl!r}")
+        if (not isinstance(th.forms, list) or not th.forms or len(set(map(str, th.forms))) != len(th.forms)
+                or not set(th.forms) <= set(THIEF_FORMS)):
+            no(f"`search.thief.forms` {th.forms!r} must be a non-empty list of distinct forms from "
+               f"{', '.join(THIEF_FORMS)}")
         if not isinstance(th.epochs, int) or th.epochs < 1 or not isinstance(th.seeds, int) or th.seeds < 1:
             no(f"`search.thief.epochs` and `.seeds` must be whole numbers ≥ 1, got {th.epochs!r}, {th.seeds!r}")
         if self.mode == "grid":
@@ -380,7 +404,7 @@ class SearchConfig:
                f"or ask for fewer levels")
         if self.max_trials is not None and self.max_trials < self.min_trials():
             no(f"`search.max_trials` {self.max_trials} cannot buy {self.levels} levels × {self.seeds} seeds plus "
-               f"2 curve tasks and {2 * len(th.fractions) * th.seeds} thief trials (at least {self.min_trials()}): "
+               f"2 curve tasks and {th.trials()} thief trials (at least {self.min_trials()}): "
                f"raise it or ask for fewer levels or seeds")
         if self.max_trial_seconds is not None and not self.max_trial_seconds > 0:
             no(f"`search.max_trial_seconds` must be > 0, got {self.max_trial_seconds!r}")

@@ -77,7 +77,7 @@ from .checkpoint import from_bytes, load_model_file, rebuild, to_bytes
 from .compact import compact
 from .errors import GradauthError
 from .models import bn_layers
-from .prune import Masks, apply_masks, count_removed, is_synapse
+from .prune import Masks, apply_masks, count_removed, is_synapse, masks_from_model
 
 FORMAT = "gradauth-release/1"
 MAGIC = b"gradauth-pack/1\n"   # 16 bytes; also part of the associated data
@@ -264,6 +264,22 @@ def locked_copy(base: nn.Module, masks: Masks, noise_seed: int | None = None, ke
     if gen is not None:
         noise_fill(model, masks, gen)
     return model.eval()
+
+
+@torch.no_grad()
+def revive(model: nn.Module, seed: int = 0) -> int:
+    """What a thief does first with a zeros release: every channel whose γ and β are both exactly 0 (every locked
+    channel: the zeros show them) gets BN's initial γ = 1, β = 0, and an all-zero conv filter feeding it a fresh
+    random one, so gradients flow through it again. Returns the number of channels revived."""
+    gen, n = torch.Generator().manual_seed(seed), 0
+    for bn, conv, dead in locked_channels(model, masks_from_model(model)):
+        bn.weight[dead], bn.bias[dead] = 1.0, 0.0
+        if conv is not None:
+            blank = dead & (conv.weight.flatten(1).abs().sum(1) == 0)
+            if blank.any():
+                conv.weight[blank] = fresh_filters(conv, blank, gen)
+        n += int(dead.sum())
+    return n
 
 
 RELEASE_TRIAL_COLUMNS = ["trial_id", "status", "fine_acc", "importance", "lock_mode", "lock_value",

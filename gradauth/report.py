@@ -344,8 +344,9 @@ def _thief_section(t: pd.DataFrame, sel: dict | None, made: list[str]) -> list[s
         rows.append(cells)
     scheds = sorted({(int(e), float(lr)) for e, lr in zip(t["ft_epochs"], t["ft_lr"])})
     lines = ["## Thieves: what a buyer gets without a key", "",
-             "Thief trials of the sweep fine-tune the public model (every weight free, locked filters erased as "
-             "released) or train from scratch on a share of the labelled training data "
+             "Thief trials of the sweep fine-tune the public model (every weight free; locked filters erased as "
+             "released, or revived by a careful thief who resets the visibly locked channels first: the better of "
+             "the two counts) or train from scratch on a share of the labelled training data "
              f"(schedule{'s' if len(scheds) > 1 else ''} {', '.join(f'{e} ep, lr {lr:g}' for e, lr in scheds)}). "
              "Cells: top-1 (mean over seeds, best schedule); in brackets the head start over scratch.", "",
              *_table(head, rows)]

@@ -44,7 +44,10 @@ TRIAL_COLUMNS = {
 # (or by hand) lacks it, and a missing phase means grid. `phase` says what a trial was for: a grid point
 # (`search.mode: grid`), or a targeted search's level candidate or thief attack (search.py). Only grid and level
 # rows are level candidates; thief rows are what a level must beat.
-OPTIONAL_COLUMNS = {"phase": pa.string()}
+# `thief_init` (thief rows only): how the thief started from the public model: none = as released, revive = the
+# careful thief who resets the visibly locked channels first (release.revive); null on every other row.
+OPTIONAL_COLUMNS = {"phase": pa.string(), "thief_init": pa.string()}
+THIEF_INITS = ("none", "revive")
 OPTIONAL = tuple(OPTIONAL_COLUMNS)
 WRITTEN_COLUMNS = TRIAL_COLUMNS | OPTIONAL_COLUMNS  # what `gradauth sweep` writes, in this order
 PHASES = ("grid", "level", "thief")
@@ -211,7 +214,8 @@ def _check_rows(df: pd.DataFrame, bad) -> None:
     if set(GRID_REQUIRED) <= set(grid):
         # A thief trial may share a level trial's grid point (same lock and schedule, another meaning): duplicates
         # are counted within each kind.
-        twice = df.assign(_thief=thief_rows(df)).duplicated([*grid, "_thief"], keep=False)
+        init = df["thief_init"].fillna("none") if "thief_init" in df else "none"   # zeros and revived: two thieves
+        twice = df.assign(_thief=thief_rows(df), _init=init).duplicated([*grid, "_thief", "_init"], keep=False)
         if twice.any():
             raise bad(f"trials {_where(df, twice)} are the same grid point and seed (a seed would count twice)")
 
@@ -229,6 +233,16 @@ def _check_thief_rows(df: pd.DataFrame, bad) -> None:
         mixed = said & ((phase == "thief") != by_id)
         if mixed.any():
             raise bad(f"trial(s) {_where(df, mixed)} have phase and trial_id that disagree on being a thief trial")
+    if "thief_init" in df:
+        init = df["thief_init"]
+        said = init.notna()
+        unknown = sorted({str(v) for v in init[said] if v not in THIEF_INITS})
+        if unknown:
+            raise bad(f"unknown thief_init {', '.join(unknown)[:100]} (expected one of {', '.join(THIEF_INITS)})")
+        if "trial_id" in df:
+            odd = said & ~df["trial_id"].astype(str).str.startswith(THIEF_PREFIX)
+            if odd.any():
+                raise bad(f"trial(s) {_where(df, odd)} have a thief_init but are not thief trials (trial_id thief-…)")
     if "importance" in df and "trial_id" in df:
         scratch = df["importance"].astype(str) == SCRATCH
         odd = scratch & ~df["trial_id"].astype(str).str.startswith(THIEF_PREFIX)

@@ -56,6 +56,8 @@ from .knobs import to_row
 from .trial import TrialSpec
 
 PHASES = ("curve", "level", "thief")
+THIEF_INITS = ("none", "revive")   # trials.parquet's thief_init column
+FORM_INIT = {"zeros": "none", "revive": "revive"}   # search.thief.forms → thief_init
 SCRATCH = "scratch"          # importance label of a from-scratch thief trial (lock_mode "none", lock_value 0)
 _EPS = 1e-9
 
@@ -96,9 +98,10 @@ def lock_curve(ctx, importance: str, mode: str, values, device=None) -> list[dic
     return out
 
 
-def run_thief(ctx, spec: TrialSpec, device=None, ds=None) -> dict:
+def run_thief(ctx, spec: TrialSpec, device=None, ds=None, thief_init: str = "none") -> dict:
     """One thief trial as a plain function: the public model (base, `spec`'s lock, locked filters erased as
-    `gradauth release` writes it) or a fresh model (importance `scratch`), fine-tuned with every weight free on
+    `gradauth release` writes it; with thief_init `revive` the careful thief first resets the visibly locked channels,
+    release.revive) or a fresh model (importance `scratch`), fine-tuned with every weight free on
     `spec.data_fraction` of the training split. Returns {prun_acc, fine_acc, fine_top3, seconds}."""
     import torch
     from .engine import evaluate
@@ -113,9 +116,12 @@ def run_thief(ctx, spec: TrialSpec, device=None, ds=None) -> dict:
         s = ctx.spec
         model = build_model(s.arch, s.num_classes, s.in_channels, s.width)
     else:
+        from .release import revive
         from .trial import locked_model
         base, masks = locked_model(ctx, spec)
         model = locked_copy(base, masks)
+        if thief_init == "revive":
+            revive(model, seed=spec.seed)
     model.to(device)
     prun_acc, _ = evaluate(model, ds, ds.test)
     finetune(model, {}, ds, spec.schedule, batch_size=ctx.batch_size, momentum=ctx.momentum,
@@ -145,14 +151,17 @@ def search_trial(ctx, config: dict, device=None, ds=None):
     if phase == "level":
         row, model, masks = run_trial(ctx, spec, device, ds=ds)
         return row | {"phase": "level"}, model, masks
-    out = run_thief(ctx, spec, device, ds)
+    init = config.get("thief_init", "none")
+    if init not in THIEF_INITS:
+        raise GradauthError(f"searcher config has thief_init {init!r}: expected one of {', '.join(THIEF_INITS)}")
+    out = run_thief(ctx, spec, device, ds, init)
     locked = {"locked_channels": 0, "total_channels": None}
     if spec.importance != SCRATCH:
         from .prune import count_removed, lock_masks
         n, total = count_removed(lock_masks(ctx.scores[spec.importance], spec.lock_mode, spec.lock_value))
         locked = {"locked_channels": n, "total_channels": total}
-    row = base_row(ctx, spec) | locked | out | {"trial_id": _key("thief", spec), "phase": "thief",
-                                                "params": None, "flops": None}
+    row = base_row(ctx, spec) | locked | out | {"trial_id": _key("thief", spec, init), "phase": "thief",
+                                                "thief_init": init, "params": None, "flops": None}
     return row, None, None
 
 
@@ -172,15 +181,18 @@ def valid_epoch_points(epochs: int, epoch_accs: list[float], steps_per_epoch: in
 
 
 # --------------------------------------------------------------------------------------------------- planner
-def _key(phase: str, spec: TrialSpec) -> str:
-    return spec.trial_id if phase == "level" else f"{phase}-{spec.trial_id}"
+def _key(phase: str, spec: TrialSpec, thief_init: str = "none") -> str:
+    if phase == "level":
+        return spec.trial_id
+    return f"{phase}-{spec.trial_id}" + ("" if thief_init == "none" else f"-{thief_init}")
 
 
 def trial_name(config: dict) -> str:
-    """Tune trial name / trials.parquet trial_id of a searcher config (level trials keep today's ids)."""
+    """Tune trial name / trials.parquet trial_id of a searcher config (level trials keep today's ids; a revived
+    thief's id ends in `-revive`)."""
     if config.get("phase") == "curve":
         return config["key"]
-    return _key(config.get("phase", "level"), TrialSpec(**config["trial"]))
+    return _key(config.get("phase", "level"), TrialSpec(**config["trial"]), config.get("thief_init", "none"))
 
 
 class Planner:
@@ -269,7 +281,8 @@ class Planner:
         self.seconds += float(row.get("seconds") or 0.0)
         keep = {k: _plain(v) for k, v in row.items() if k in _ROW_KEYS}
         self.obs[key] = {"phase": p["phase"], "spec": p["spec"], "row": keep} | (
-            {"target": p["target"]} if "target" in p else {})   # the target it was proposed for (status counts)
+            {"target": p["target"]} if "target" in p else {}) | (
+            {"thief_init": p["thief_init"]} if "thief_init" in p else {})   # the target it was proposed for (status counts)
         if p["phase"] == "level" and row.get("total_channels"):
             self.total_channels = int(row["total_channels"])
 
@@ -587,33 +600,38 @@ class Planner:
     def seconds_spent(self) -> bool:
         return self.cfg.max_trial_seconds is not None and self.seconds >= self.cfg.max_trial_seconds
 
-    def _thief_specs(self) -> list[TrialSpec]:
-        """Thief trials: from scratch, and from the public model at the strongest lockable lock and at each hit
-        level's lock (the candidates the release may choose its public lock from)."""
+    def _thief_specs(self) -> list[tuple[TrialSpec, str]]:
+        """Thief trials as (spec, thief_init): from scratch, and from the public model in each of `thief.forms` at
+        the public-lock candidates (the strongest lockable lock, each hit level's lock, or the owner's list): the
+        locks the release may choose its public lock from."""
         rng = self.lockable_range()
         if rng is None:
             return []
         th = self.cfg.thief
         lr = th.lr if th.lr is not None else max(self.cfg.lr)
-        locks = [rng[1]]
-        stats = self._level_stats()
-        for k in (range(len(self.targets)) if th.public_locks == "levels" else ()):
-            d = self.decide(k, stats)
-            if d["do"] == "hit" and d["v"] not in locks:
-                locks.append(d["v"])
+        if isinstance(th.public_locks, list):
+            locks = sorted({self._q(float(v)) for v in th.public_locks})
+        else:
+            locks = [rng[1]]
+            stats = self._level_stats()
+            for k in (range(len(self.targets)) if th.public_locks == "levels" else ()):
+                d = self.decide(k, stats)
+                if d["do"] == "hit" and d["v"] not in locks:
+                    locks.append(d["v"])
+        inits = [FORM_INIT[f] for f in th.forms]
         out = []
         for f in th.fractions:
             for seed in range(th.seeds):
-                out.append(TrialSpec(SCRATCH, "none", 0.0, th.epochs, float(lr), float(f), "all", seed))
-                out += [TrialSpec(self.importance, self.lock_mode, float(v), th.epochs, float(lr), float(f), "all", seed)
-                        for v in locks]
+                out.append((TrialSpec(SCRATCH, "none", 0.0, th.epochs, float(lr), float(f), "all", seed), "none"))
+                out += [(TrialSpec(self.importance, self.lock_mode, float(v), th.epochs, float(lr), float(f), "all",
+                                   seed), init) for v in locks for init in inits]
         return out
 
     def _thief_reserve(self) -> int:
         th = self.cfg.thief
         done = sum(1 for o in self.obs.values() if o["phase"] == "thief")
         pend = sum(1 for p in self.pending.values() if p["phase"] == "thief")
-        return max(0, 2 * len(th.fractions) * th.seeds - done - pend)
+        return max(0, th.trials() - done - pend)
 
     def propose(self, n: int = 1) -> list[dict]:
         """Up to n new trial configs ({"trial", "phase", "key", ...}), registered as pending. Empty when nothing
@@ -623,7 +641,8 @@ class Planner:
             nxt = self._next()
             if nxt is None:
                 break
-            self.pending[nxt["key"]] = {k: nxt[k] for k in ("phase", "spec", "values", "target") if k in nxt}
+            self.pending[nxt["key"]] = {k: nxt[k] for k in ("phase", "spec", "values", "target", "thief_init")
+                                        if k in nxt}
             out.append(self._config(nxt))
         return out
 
@@ -636,6 +655,7 @@ class Planner:
             c["target"] = p["target"]
         if p["phase"] == "thief":
             c["thief"] = SCRATCH if p["spec"]["importance"] == SCRATCH else "public"
+            c["thief_init"] = p.get("thief_init", "none")
         return c
 
     def _next(self) -> dict | None:
@@ -660,10 +680,10 @@ class Planner:
             for k, d in enumerate(decisions):
                 if d["do"] == "probe" and fresh(self._level(d["v"], d["sched"], 0, k)):
                     return self._level(d["v"], d["sched"], 0, k)
-        for spec in self._thief_specs():
-            key = _key("thief", spec)
+        for spec, init in self._thief_specs():
+            key = _key("thief", spec, init)
             if key not in self.obs and key not in self.pending and key not in self.failed:
-                return {"phase": "thief", "key": key, "spec": asdict(spec)}
+                return {"phase": "thief", "key": key, "spec": asdict(spec), "thief_init": init}
         return None
 
     def _level(self, v, sched, seed, k) -> dict:
@@ -712,23 +732,31 @@ class Planner:
                 r |= {"status": "missed", "why": f"trial budget spent before this target was settled "
                                                  f"({self.trials} trials, {self.seconds:.0f} s){near}"}
             rows.append(r)
-        thief = {}
+        thief, pub = {}, {}   # fraction → {thief: best acc}; public lock → fraction → best acc over its forms
         for o in self.obs.values():
             if o["phase"] != "thief" or o["row"].get("fine_acc") is None:
                 continue
-            s = o["spec"]
-            kind = SCRATCH if s["importance"] == SCRATCH else f"public {s['lock_value']:g}"
+            s, acc = o["spec"], float(o["row"]["fine_acc"])
+            kind = SCRATCH if s["importance"] == SCRATCH else f"public {s['lock_value']:g}" + (
+                "" if o.get("thief_init", "none") == "none" else f" {o['thief_init']}")
             f = thief.setdefault(str(s["data_fraction"]), {})
-            f[kind] = max(f.get(kind, 0.0), float(o["row"]["fine_acc"]))
-        best_thief = max((a for f in thief.values() for k, a in f.items() if k != "head_start"), default=None)
+            f[kind] = max(f.get(kind, 0.0), acc)
+            if s["importance"] != SCRATCH:
+                at = pub.setdefault(float(s["lock_value"]), {})
+                at[str(s["data_fraction"])] = max(at.get(str(s["data_fraction"]), 0.0), acc)
+        # every measured thief counts against a level (the selector's rule), not only the public lock chosen
+        best_thief = max((a for f in thief.values() for a in f.values()), default=None)
         for r in rows:
             if r["status"] == "hit" and best_thief is not None:
                 r["margin_over_thief"] = r["fine_acc"] - best_thief
                 r["sellable"] = r["margin_over_thief"] >= self.min_gap - _EPS
-        for f in thief.values():
-            pub = [a for k, a in f.items() if k != SCRATCH]
-            if pub and SCRATCH in f:
-                f["head_start"] = max(pub) - f[SCRATCH]   # what the public model gives a thief over scratch
+        # the public lock release would choose: the smallest worst head start over the fractions (release.choose_public)
+        worst = {v: max(a[fr] - thief[fr][SCRATCH] for fr in a) for v, a in pub.items()
+                 if all(SCRATCH in thief[fr] for fr in a) and set(a) == set(thief)}
+        public_lock = min(worst, key=lambda v: (worst[v], -v)) if worst else None
+        if public_lock is not None:
+            for fr, f in thief.items():   # what the public model gives a thief over scratch
+                f["head_start"] = pub[public_lock][fr] - f[SCRATCH]
         hits = [r for r in rows if r["status"] == "hit"]
         spaced = all(a["fine_acc"] - b["fine_acc"] >= self.min_gap - _EPS
                      and a["fine_acc"] - b["fine_acc"] > 2 * max(a["fine_acc_std"], b["fine_acc_std"])
@@ -739,7 +767,7 @@ class Planner:
             by_phase[o["phase"]] += float(o["row"].get("seconds") or 0.0)
         return {"targets": self.targets, "levels": rows, "trials": self.trials, "trial_seconds": self.seconds,
                 "seconds_by_phase": by_phase, "finished": done, "spaced": spaced,
-                "thief": thief, "all_hit": all(r["status"] == "hit" for r in rows)}
+                "thief": thief, "public_lock": public_lock, "all_hit": all(r["status"] == "hit" for r in rows)}
 
     def level_rows(self) -> list[dict]:
         """The finished level trials as (partial) trials.parquet rows, for the selector."""

@@ -128,7 +128,8 @@ def select_levels(trials: pd.DataFrame, levels: int = 3, min_gap: float = 0.05, 
 
 # ---- thief trials ------------------------------------------------------------------------------------------------
 
-THIEF_GROUP = ["importance", "lock_mode", "lock_value", "ft_epochs", "ft_lr", "ft_data_fraction", "ft_scope"]
+THIEF_GROUP = ["importance", "lock_mode", "lock_value", "thief_init", "ft_epochs", "ft_lr", "ft_data_fraction",
+               "ft_scope"]
 
 
 def thief_table(thieves: pd.DataFrame) -> pd.DataFrame:
@@ -139,6 +140,8 @@ def thief_table(thieves: pd.DataFrame) -> pd.DataFrame:
     t = thieves[(thieves["status"] == "ok") & thieves["fine_acc"].notna()].copy()
     if t.empty:
         return pd.DataFrame(columns=cols)
+    # a file written before thief_init existed has as-released thieves only
+    t["thief_init"] = t["thief_init"].fillna("none") if "thief_init" in t else "none"
     for c in ("lock_value", "ft_epochs", "ft_lr", "ft_data_fraction", "fine_acc", "prun_acc", "locked_channels"):
         t[c] = pd.to_numeric(t[c])
     g = t.groupby(THIEF_GROUP, dropna=False).agg(
@@ -147,13 +150,15 @@ def thief_table(thieves: pd.DataFrame) -> pd.DataFrame:
         trial_ids=("trial_id", sorted)).reset_index()
     g["fine_acc_std"] = g["fine_acc_std"].fillna(0.0)
     g.insert(0, "kind", np.where(g["importance"] == SCRATCH, "scratch", "public"))
-    return g.sort_values(["ft_data_fraction", "kind", "importance", "lock_mode", "lock_value", "ft_epochs", "ft_lr"],
+    return g.sort_values(["ft_data_fraction", "kind", "importance", "lock_mode", "lock_value", "thief_init",
+                          "ft_epochs", "ft_lr"],
                          kind="stable").reset_index(drop=True)[cols]
 
 
 def thief_label(r) -> str:
     start = "from scratch" if r["kind"] == "scratch" else \
-        f"public {r['importance']} {lock_label(r['lock_mode'], float(r['lock_value']))}"
+        f"public {r['importance']} {lock_label(r['lock_mode'], float(r['lock_value']))}" + (
+            ", revived" if r.get("thief_init", "none") == "revive" else "")
     return f"{start}, {100 * float(r['ft_data_fraction']):g}% data, {int(r['ft_epochs'])} ep"
 
 
@@ -183,6 +188,7 @@ def thief_summary(thieves: pd.DataFrame) -> dict:
     r6 = lambda x: round(float(x), 6)
     groups = [{"kind": r["kind"], "importance": r["importance"], "lock_mode": r["lock_mode"],
                "lock_value": float(r["lock_value"]), "locked_channels": int(r["locked_channels"]),
+               "thief_init": str(r["thief_init"]),
                "schedule": {"epochs": int(r["ft_epochs"]), "lr": float(r["ft_lr"]),
                             "data_fraction": float(r["ft_data_fraction"]), "scope": r["ft_scope"]},
                "prun_acc": None if pd.isna(r["prun_acc"]) else r6(r["prun_acc"]), "fine_acc": r6(r["fine_acc"]),

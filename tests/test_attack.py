@@ -178,3 +178,10 @@ def test_report_and_cli(attacked, capsys):
         assert h["head_start"] == pytest.approx(h["public"] - h["scratch"])
     assert main(["attack", str(out / "nope")]) == 2
     assert "config.yaml" in capsys.readouterr().err
+    before = (out / "attack.parquet").read_bytes(), text
+    for forms, why in (("zeros", "lacks revive"), ("zeros,revive,bogus", "give distinct forms"),
+                       ("zeros,zeros,revive", "give distinct forms")):
+        assert main(["attack", str(out), "--no-alt", "--forms", forms]) == 2
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1, err
+    assert ((out / "attack.parquet").read_bytes(), (out / "attack.md").read_text()) == before   # nothing rewritten

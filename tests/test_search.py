@@ -199,15 +199,16 @@ def test_a_target_past_the_epochs_range_is_missed_with_the_reason_and_the_rest_s
 
 def test_a_spent_trial_budget_stops_the_search_and_names_the_unsettled_targets():
     o = Oracle(**QUICK)
-    cfg = targeted(o.base, max_trials=15)
+    cfg = targeted(o.base, max_trials=18)
     p = Planner(cfg, o.base, 0.2, 0.05)
     run_search(p, o)
     s = p.summary()
-    assert s["trials"] == 15
+    assert s["trials"] == 18
     missed = [lv for lv in s["levels"] if lv["status"] == "missed"]
     assert missed and all("budget spent" in lv["why"] for lv in missed)
-    # the thief trials were reserved out of the budget, not starved by the level probes
-    assert sum(1 for o in p.obs.values() if o["phase"] == "thief") == 6
+    # the thief trials were reserved out of the budget, not starved by the level probes: per fraction one from
+    # scratch and the public model as released and revived
+    assert sum(1 for o in p.obs.values() if o["phase"] == "thief") == 9
 
 
 def test_save_restore_continue_gives_the_same_proposals(tmp_path):
@@ -371,7 +372,16 @@ def test_search_trial_runs_each_phase_as_a_plain_function(quick_ctx):
     thief = TrialSpec("bn_gamma", "rate", 0.2, 1, 0.01, 0.05, "all", 0)
     row, model, _ = search_trial(quick_ctx, {"trial": asdict(thief), "phase": "thief", "thief": "public"})
     assert row["trial_id"] == "thief-" + thief.trial_id and row["locked_channels"] == 64 and model is None
-    assert set(TRIAL_COLUMNS) <= set(row)   # a full trials.parquet row (plus phase)
+    assert set(TRIAL_COLUMNS) <= set(row) and row["thief_init"] == "none"   # a full trials.parquet row (+ phase)
+    # as released, and revived by the careful thief (γ 1 and fresh filters on the locked channels): other models
+    strong = TrialSpec("bn_gamma", "rate", 0.1, 2, 0.05, 0.3, "all", 0)
+    rel, rev = (search_trial(quick_ctx, {"trial": asdict(strong), "phase": "thief", "thief": "public",
+                                         "thief_init": i})[0] for i in ("none", "revive"))
+    assert rev["trial_id"] == "thief-" + strong.trial_id + "-revive" and rev["thief_init"] == "revive"
+    assert rel["trial_id"] == "thief-" + strong.trial_id and rel["prun_acc"] == rev["prun_acc"]
+    assert rev["fine_acc"] != rel["fine_acc"]
+    with pytest.raises(GradauthError, match="thief_init"):
+        search_trial(quick_ctx, {"trial": asdict(thief), "phase": "thief", "thief": "public", "thief_init": "x"})
     with pytest.raises(GradauthError, match="phase"):
         search_trial(quick_ctx, {"trial": asdict(spec), "phase": "grid?"})
 
@@ -384,6 +394,52 @@ def test_thief_trials_start_from_the_public_model_or_from_scratch(quick_ctx):
     scr = run_thief(quick_ctx, TrialSpec(SCRATCH, "none", 0.0, 1, 0.01, 0.1, "all", 0), torch.device("cpu"))
     assert scr["prun_acc"] < 0.2 and 0 <= scr["fine_acc"] <= 1 and 0 <= pub["fine_acc"] <= 1
     assert pub["fine_acc"] != scr["fine_acc"]
+
+
+class LockAwareThieves(Oracle):
+    """The oracle, with thieves that recover less the stronger the public lock, and a revived thief that beats the
+    released one at strong locks (as on CIFAR-10)."""
+    def thief_row(self, spec: dict, init: str = "none") -> dict:
+        row = super().thief_row(spec)
+        if spec["importance"] != SCRATCH:
+            v = spec["lock_value"]
+            row["fine_acc"] -= (0.5 if init == "none" else 0.3) * v
+        return row
+
+
+def test_thief_forms_and_an_owner_list_of_public_locks_pick_the_lock_closest_to_scratch():
+    o = LockAwareThieves(**QUICK)
+    cfg = targeted(o.base, thief={"fractions": [0.05, 0.1], "epochs": 20, "public_locks": [0.3, 0.6, 0.9]})
+    assert cfg.thief.forms == ["zeros", "revive"] and cfg.min_trials() == 2 + 6 + 2 * (1 + 3 * 2)
+    p = Planner(cfg, o.base, 0.2, 0.05)
+    inflight, thieves = [], []
+    for _ in range(500):
+        inflight += p.propose(4 - len(inflight))
+        if not inflight:
+            break
+        c = inflight.pop(0)
+        key = trial_name(c)
+        if c["phase"] == "curve":
+            p.observe_curve(key, *o.curve(c["curve"]["values"]))
+        elif c["phase"] == "thief":
+            thieves.append((key, c["trial"]["lock_value"], c.get("thief_init")))
+            p.observe(key, o.thief_row(c["trial"], c["thief_init"]))
+        else:
+            p.observe(key, o.row(c["trial"], 0.2))
+    assert p.finished() and len(thieves) == len({k for k, _, _ in thieves}) == 2 * (1 + 3 * 2)
+    assert sorted({(round(v, 2), i) for _, v, i in thieves if v}) == [(v, i) for v in (0.3, 0.6, 0.9)
+                                                                       for i in ("none", "revive")]
+    assert all(k.endswith("-revive") == (i == "revive") for k, _, i in thieves)
+    s = p.summary()
+    # at every lock the revived thief is the better one; 0.9 gives the smallest head start over scratch
+    assert s["public_lock"] == pytest.approx(0.9, abs=1 / QUICK["total"])
+    for f, fig in s["thief"].items():
+        assert fig["head_start"] == pytest.approx(fig[f"public {s['public_lock']:g} revive"] - fig["scratch"])
+        assert fig["head_start"] < fig[f"public {0.3:g} revive"] - fig["scratch"]
+    with pytest.raises(GradauthError, match="public_locks"):
+        targeted(o.base, thief={"public_locks": [0.3, 1.5]}).validate(o.base, 0.2, 0.05)
+    with pytest.raises(GradauthError, match="forms"):
+        targeted(o.base, thief={"forms": ["zeros", "noise"]}).validate(o.base, 0.2, 0.05)
 
 
 def _tune_trainable(config):
@@ -455,7 +511,7 @@ def test_ray_tune_drives_the_searcher_to_every_target(tmp_path):
     assert all(abs(lv["fine_acc"] - t) <= 0.01 for lv, t in zip(s["levels"], searcher.planner.targets))
     assert len(results) == s["trials"] and not results.errors
     phases = [r.config["phase"] for r in results]
-    assert phases.count("curve") == 2 and phases.count("thief") == 2 and "level" in phases
+    assert phases.count("curve") == 2 and phases.count("thief") == 3 and "level" in phases
     assert all(set(r.config) >= {"trial", "phase"} for r in results if r.config["phase"] != "curve")
     assert 1 <= Counting.most <= 2     # 4 CPU slots for 0.5-CPU trials, yet never more than 2 in flight
     assert Planner.from_state(_newest_state(tmp_path / "search")["planner"]).summary()["all_hit"]

@@ -104,6 +104,29 @@ def _write(rows: list[dict], path: Path, phase: list | None = None) -> Path:
     return path
 
 
+def _write_init(rows, path, init):
+    t = pa.Table.from_pandas(table(rows), schema=pa.schema(TRIAL_COLUMNS), preserve_index=False)
+    pq.write_table(t.append_column("thief_init", pa.array(init, pa.string())), path)
+    return path
+
+
+def test_the_released_and_the_revived_thief_are_two_thieves_and_the_better_one_counts(tmp_path):
+    released = thief(0.05, 0.55, 0.08)
+    revived = released | {"trial_id": released["trial_id"] + "-revive", "fine_acc": 0.66}
+    rows = levels_table() + [thief(0.05, 0.60), released, revived]
+    df = read_trials(_write_init(rows, tmp_path / "t.parquet", [None] * 8 + ["none", "none", "revive"]))
+    s = select_levels(df, levels=2, min_gap=0.05)
+    assert s.thief["best_acc"] == pytest.approx(0.66) and s.thief["best"]["label"].startswith(
+        "public bn_gamma rate 8%, revived")
+    assert s.thief["by_fraction"] == [{"fraction": 0.05, "public": 0.66, "scratch": 0.6, "head_start": 0.06}]
+    assert sorted(g["thief_init"] for g in s.thief["groups"]) == ["none", "none", "revive"]
+    assert choose_public(df, 0.2)["worst_head_start"] == pytest.approx(0.06)   # the better form counts
+    for init, match in (([None] * 8 + ["none", "none", "x"], "unknown thief_init x"),
+                        (["revive"] + [None] * 7 + ["none", "none", "revive"], "thief_init but are not thief")):
+        with pytest.raises(GradauthError, match=match):
+            read_trials(_write_init(rows, tmp_path / "bad.parquet", init))
+
+
 def test_a_thief_and_a_level_trial_may_share_a_grid_point(tmp_path):
     lvl = trial(0.08, 0.7, epochs=30, data_fraction=0.05)
     rows = [lvl, thief(0.05, 0.6, 0.08)]

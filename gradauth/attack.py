@@ -35,6 +35,13 @@ Targets (one row per target × fraction × schedule × seed in `attack.parquet`)
   message.
 - `scratch`: the same architecture from random initialisation: what the data alone is worth to the thief.
 
+A synapse-lock release (`lock.granularity: synapse`, synlock.py) is NNSlicer's protection experiment: the thief
+holds the model with the hidden weights at zero and retrains every weight on its data. Its public forms are
+`zeros`, `revive` (every exactly-zero conv/linear weight redrawn like the layer's init: the zeros show the hidden
+synapses) and `noise` (hidden weights redrawn from their layer's kept ones); there are no filters to keep. Its
+`alt` targets are the synapse locks of `slice`, `weight` (|w|) and `random` at the public lock's rate (the paper's
+comparison at equal hidden fraction, not calibrated to equal locked accuracy), strong schedule, zeros and revived.
+
 Every lock as released (`zeros`) also gets one `owner` row: the best schedule as swept (its data fraction included)
 with the masks held, the level that lock could sell, so a lock the thief cannot recover is not mistaken for a good
 one when the owner cannot either.
@@ -74,10 +81,10 @@ from .data import Dataset
 from .engine import evaluate, pick_device
 from .errors import GradauthError
 from .finetune import finetune
-from .knobs import Schedule, columns, fill_defaults, from_row, schedule_dict, schedule_label, to_row
+from .knobs import LockSpec, Schedule, columns, fill_defaults, from_row, schedule_dict, schedule_label, to_row
 from .fsutil import atomic_path, write_text
 from .importance import bn_gamma
-from .prune import count_removed, lock_masks
+from .prune import count_removed, is_synapse, lock_masks, synapse_masks
 from .release import HEAD_SEED, MANIFEST, locked_copy, public_model, revive
 from .schema import file_sha256, read_trials
 
@@ -104,16 +111,18 @@ class Target:
     schedules: tuple = ("best", "strong")
     filters: str | None = None  # the locked channels' conv filters in the public model: erased | kept | random
     signature: bytes = b""      # everything above that decides the runs, to attack identical models once
+    granularity: str | None = "channel"  # channel | synapse (lock.granularity); None for scratch
 
 
-def best_schedule(out: Path, importance: str, mode: str, value: float) -> Schedule:
+def best_schedule(out: Path, importance: str, mode: str, value: float, granularity: str = "channel") -> Schedule:
     """The whole schedule (every knob but the seed) with the highest mean fine_acc over seeds for this lock in
     trials.parquet (any lock if none has it); ties go to the first in sorted knob order."""
     group = SCHEDULE_GROUP
     t = read_trials(out / rundir.TRIALS, ["status", "importance", "lock_mode", "lock_value", "ft_epochs", "ft_lr",
                                              "fine_acc"])
-    ok = fill_defaults(t[t["status"] == "ok"], Schedule)  # an older file without a newer knob: its default
-    same = ok[(ok["importance"] == importance) & (ok["lock_mode"] == mode) & ((ok["lock_value"] - value).abs() < 1e-12)]
+    ok = fill_defaults(fill_defaults(t[t["status"] == "ok"], Schedule), LockSpec)  # an older file: the defaults
+    same = ok[(ok["importance"] == importance) & (ok["lock_mode"] == mode) & ((ok["lock_value"] - value).abs() < 1e-12)
+              & (ok["lock_granularity"] == granularity)]
     g = (same if len(same) else ok).groupby(group, sort=True)["fine_acc"].mean()
     best = g.idxmax()
     return from_row(Schedule, dict(zip(group, best if isinstance(best, tuple) else (best,))))
@@ -195,18 +204,43 @@ def targets(out: Path, cfg, ds: Dataset, compare: bool = True, forms=None) -> tu
     mode, value = str(choice["lock_mode"]), float(choice["lock_value"])
     n = count_removed(masks)[0]
     head = HEAD_SEED if cfg.release.erase_head else None   # the public model's head as released: redrawn or trained
+    synapse = is_synapse(masks)
+    if synapse:  # a synapse lock has no filters to keep: the kept forms are left out
+        forms = tuple(f for f in forms if f in SYNAPSE_FORMS)
     found = _lock_targets("public", importance, mode, value, base, masks, ds, forms, head_seed=head)
-    if compare:
+    if compare and synapse:
+        found += synapse_alt_targets(cfg, base, ds, value, head)
+    elif compare:
         target_acc = max(found[0].prun_acc, 1.0 / ds.num_classes) + COMPARABLE_SLACK
         found += alt_targets(cfg, base, ds, target_acc, head)
     torch.manual_seed(cfg.seed)
     scratch = _fresh(spec)
-    found.append(Target("scratch", None, None, None, 0, "random", scratch, evaluate(scratch, ds, ds.test)[0]))
+    found.append(Target("scratch", None, None, None, 0, "random", scratch, evaluate(scratch, ds, ds.test)[0],
+                        granularity=None))
     public = {"importance": importance, "lock_mode": mode, "lock_value": value, "locked_channels": n,
               "prun_acc": found[0].prun_acc, "levels": doc["levels"], "chosen_by": choice["chosen_by"],
               "why": choice["why"], "released_init": "noise" if cfg.release.noise_init else "zeros",
-              "erase_head": bool(cfg.release.erase_head)}
+              "erase_head": bool(cfg.release.erase_head), "lock_granularity": "synapse" if synapse else "channel"}
     return found, public
+
+
+def synapse_alt_targets(cfg, base: nn.Module, ds: Dataset, rate: float, head_seed: int | None = None) -> list[Target]:
+    """NNSlicer's protection comparison: the synapse locks of slice, weight and random at the public lock's rate
+    (the `slice` entry's settings from the config where it has one), strong schedule, zeros and revived."""
+    from .config import SYNAPSE_IMPORTANCE
+    from .synlock import synapse_scores
+    found = []
+    for name in SYNAPSE_IMPORTANCE:
+        imp = next((i for i in cfg.importance if i.name == name), None) or ImportanceConfig(name=name)
+        try:
+            scores = synapse_scores(imp, base, ds, cfg.seed)
+        except ImportError as e:
+            print(f"[attack] {name} synapse locks skipped: {e}", file=sys.stderr)
+            continue
+        masks = synapse_masks(scores, "rate", rate)
+        found += _lock_targets("alt", imp.label, "rate", rate, base, masks, ds, ("zeros", "revive"), ("strong",),
+                               head_seed=head_seed)
+    return found
 
 
 def alt_targets(cfg, base: nn.Module, ds: Dataset, target_acc: float, head_seed: int | None = None) -> list[Target]:
@@ -228,21 +262,27 @@ def alt_targets(cfg, base: nn.Module, ds: Dataset, target_acc: float, head_seed:
 FORMS = {"zeros": ("zeros", "erased", "none"), "revive": ("zeros", "erased", "revive"),
          "noise": ("noise", "random", "none"), "kept": ("zeros", "kept", "none"),
          "kept+revive": ("zeros", "kept", "revive")}
+SYNAPSE_FORMS = ("zeros", "revive", "noise")  # a synapse lock has no filters to keep
 
 
 def _lock_targets(kind: str, importance: str, mode: str, value: float, base: nn.Module, masks, ds: Dataset,
                   forms=tuple(FORMS), schedules=("best", "strong"), head_seed: int | None = None) -> list[Target]:
     """One lock in each of `forms` (see FORMS and the module docstring)."""
     n = count_removed(masks)[0]
+    synapse = is_synapse(masks)
     found = []
     for form in forms:
         init, filters, thief = FORMS[form]
         model = locked_copy(base, masks, NOISE_SEED if init == "noise" else None, keep_filters=filters == "kept",
                             head_seed=head_seed)
         if thief == "revive":
-            revive(model)
+            if synapse:
+                from .synlock import revive_synapses
+                revive_synapses(model)
+            else:
+                revive(model)
         t = Target(kind, importance, mode, value, n, init, model, evaluate(model, ds, ds.test)[0], masks, thief,
-                   schedules, filters=filters)
+                   schedules, filters=filters, granularity="synapse" if synapse else "channel")
         t.signature = repr((form, schedules)).encode() + _sig(masks)
         found.append(t)
     return found
@@ -295,7 +335,8 @@ def run_attack(out_dir: str | Path, fractions=FRACTIONS, seeds=(0,), compare: bo
     ds = load_dataset(cfg.data, cfg.seed)
     derived = derived_from(out)
     found, public = targets(out, cfg, ds, compare, forms)
-    best = best_schedule(out, public["importance"], public["lock_mode"], public["lock_value"])
+    best = best_schedule(out, public["importance"], public["lock_mode"], public["lock_value"],
+                         public["lock_granularity"])
     level_accs = [float(lv["fine_acc"]) for lv in sorted(public["levels"], key=lambda lv: int(lv["level"]))]
     dsd = ds.to(pick_device())
     prov = {"experiment": cfg.name, "dataset": ds.name, "arch": cfg.model.arch, "git_sha": git_sha(),
@@ -318,7 +359,8 @@ def run_attack(out_dir: str | Path, fractions=FRACTIONS, seeds=(0,), compare: bo
                     "schedule": sched, **to_row(run), "recovered_acc": acc,
                     "recovered_top3": top3, "level_accs": level_accs,
                     "best_level_reached": min(reached) if reached else None, "same_masks_as": None,
-                    "seconds": time.perf_counter() - t0, **prov})
+                    "seconds": time.perf_counter() - t0, **prov,
+                    "lock_granularity": tg.granularity})  # last: the columns before it are as they always were
                 print(f"[attack] {attack_label(mine[-1])} {f:.0%} {sched:6s} ({run.epochs} ep): {acc:.4f}", file=sys.stderr)
         if tg.signature:
             done[tg.signature] = mine
@@ -372,7 +414,8 @@ def attack_label(r) -> str:
         return "scratch (random init)"
     how = r["init"] + (", filters kept" if r["filters"] == "kept" else "") + (
         ", revived by the thief" if r["thief_init"] == "revive" else "")
-    return f"{r['target']} {r['lock_importance']} {r['lock_mode']} {r['lock_value']:g} ({how})"
+    syn = " synapse" if r.get("lock_granularity") == "synapse" else ""
+    return f"{r['target']} {r['lock_importance']}{syn} {r['lock_mode']} {r['lock_value']:g} ({how})"
 
 
 def head_starts(df: pd.DataFrame, released_init: str = "zeros") -> list[dict]:
@@ -403,13 +446,19 @@ def report(df: pd.DataFrame, public: dict, best: Schedule) -> str:
     df = df.assign(label=df.apply(attack_label, axis=1), column=[
         "owner, all data" if s == "owner" else f"{f:.0%} {s}" for f, s in zip(df["attacker_fraction"], df["schedule"])])
     columns = list(dict.fromkeys(df.sort_values(["attacker_fraction", "schedule"])["column"]))
-    head = ["start from", "locked ch.", "acc before fine-tune", *columns]
+    synapse = public.get("lock_granularity") == "synapse"
+    head = ["start from", "hidden synapses" if synapse else "locked ch.", "acc before fine-tune", *columns]
     lines = ["# Attack: fine-tuning the public model without a key", "",
              "Levels (what the keys sell): " + "; ".join(f"level {lv['level']} {float(lv['fine_acc']):.3f}"
                                                          for lv in levels) + ".",
-             f"Public model: {public['importance']} {public['lock_mode']} {public['lock_value']:g}, "
-             f"{public['locked_channels']} channels locked, accuracy {public['prun_acc']:.3f}"
+             f"Public model: {public['importance']}{' synapse' if synapse else ''} {public['lock_mode']} "
+             f"{public['lock_value']:g}, {public['locked_channels']} {'synapses hidden' if synapse else 'channels locked'}"
+             f", accuracy {public['prun_acc']:.3f}"
              + (", classifier head redrawn (release.erase_head)" if public.get("erase_head") else "") + ".", "",
+             *(["Synapse lock (NNSlicer's protection experiment): the hidden weights are zero in the public model; "
+                "`revived by the thief` = every exactly-zero conv/linear weight redrawn like the layer's init; "
+                "`noise` = hidden weights redrawn from their layer's kept ones; `alt` = the synapse locks of slice, "
+                "weight (|w|) and random at the same rate.", ""] if synapse else []),
              "The thief trains every weight (nothing held at zero) on 1/5/10 % of the labelled training data: "
              f"`best` = the sweep's best schedule for the public lock ({schedule_label(schedule_dict(best))}) on "
              f"the thief's data; `strong` = as many steps as `best` takes on its share of all the data "

@@ -29,6 +29,11 @@ SCOPES = ("all", "bn", "head")
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("cosine", "step")
 LOCK_MODES = ("rate", "threshold")
+GRANULARITIES = ("channel", "synapse")  # lock.granularity: BN channels | conv/linear weights (NNSlicer's protection)
+# What ranks synapses for a synapse lock: slice (per-weight contribution counts from the exact slicer, with the slice
+# entry's settings), weight (|w|), random (seeded by the config's seed). weight and random rank synapses only: they
+# are not channel criteria and are not in the importance registry (a plugin may register its own of those names).
+SYNAPSE_IMPORTANCE = ("slice", "weight", "random")
 INT_MAX = 2**31 - 1              # any count beyond this is a typo (and would overflow torch's int64 index arithmetic)
 SEED_MAX = 2**32 - 1            # numpy's limit; trial generators multiply seeds, so keep them well inside int64
 
@@ -99,9 +104,25 @@ DEFAULT_IMPORTANCE = "bn_gamma"
 FROZEN_KEYS = {"bn_gamma": {"classes": None, "theta": 0.0, "samples": 256}}
 
 
-def _importance_entry(name: str):
+@dataclass(frozen=True)
+class _SynapseOnly:
+    """The entry of a synapse-only importance (weight, random): no settings, labelled by its name."""
+    name: str
+    fn: Any = None
+    settings: Any = None
+    label: Any = None
+    check_data: Any = None
+
+
+def importance_entry(name: str):
+    """The registered criterion `name`, or the entry of a synapse-only importance (weight, random)."""
     from . import registry
+    if name in SYNAPSE_IMPORTANCE and name not in registry.names("importance"):
+        return _SynapseOnly(name)
     return registry.importance(name)
+
+
+_importance_entry = importance_entry
 
 
 def _default_settings(name: str):
@@ -161,6 +182,7 @@ class LockConfig:
     mode: str = opt("rate", "str", choices=lambda: LOCK_MODES)  # rate: fraction of all BN channels | threshold: score above t
     values: list[float] = opt([0.1], "float", many=True, unique=True,
                               empty="give at least one lock rate or threshold")
+    granularity: str = opt("channel", "str", choices=lambda: GRANULARITIES)  # channel | synapse: hide the top `rate` of every conv/linear layer's weights by importance slice, weight or random
 
 
 GRID = "the search space needs at least one value"
@@ -530,6 +552,9 @@ class Config:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["importance"] = [i.to_dict() for i in self.importance]
+        # lock.granularity came later: at its default (channel) it is left out, so existing hashes stay.
+        if d["lock"].get("granularity") == "channel":
+            d["lock"].pop("granularity")
         # A default search section (a grid sweep, as every config before it) is left out: config.yaml and
         # Config.hash() of existing configs stay what they were.
         if self.search == SearchConfig():
@@ -727,14 +752,16 @@ def _frozen_ok(name: str, key: str, value: Any) -> bool:
     return value is None if frozen[key] is None else (value is not None and value == frozen[key])
 
 
-def _importance(item: dict, where: str, problems: list[str], bad: set[str]) -> ImportanceConfig | None:
+def _importance(item: dict, where: str, problems: list[str], bad: set[str],
+                synapse: bool = False) -> ImportanceConfig | None:
     """One mapping entry: its name by the `name` rule, every other key by the named criterion's settings rules."""
     from . import registry
     name = item.get("name", DEFAULT_IMPORTANCE)
-    if "name" in item and check_field(name, NAME_RULE, f"{where}.name", problems) is None:
+    if "name" in item and not (synapse and name in SYNAPSE_IMPORTANCE) \
+            and check_field(name, NAME_RULE, f"{where}.name", problems) is None:
         bad.add("importance")
         return None
-    entry = registry.importance(name)
+    entry = _importance_entry(name) if synapse else registry.importance(name)
     own = {f.name: f for f in fields(entry.settings)} if entry.settings is not None else {}
     kwargs, before = {}, len(problems)
     for k, v in item.items():
@@ -765,7 +792,9 @@ def _importance(item: dict, where: str, problems: list[str], bad: set[str]) -> I
     return ImportanceConfig(name, settings)
 
 
-def _importances(raw: Any, problems: list[str], bad: set[str]) -> list[ImportanceConfig]:
+def _importances(raw: Any, problems: list[str], bad: set[str], synapse: bool = False) -> list[ImportanceConfig]:
+    """The `importance` entries; with `synapse` (lock.granularity: synapse) the synapse-only names (weight, random)
+    are accepted too."""
     if raw is None:
         return [ImportanceConfig()]
     items = raw if isinstance(raw, list) else [raw]
@@ -775,6 +804,15 @@ def _importances(raw: Any, problems: list[str], bad: set[str]) -> list[Importanc
     out = []
     for i, item in enumerate(items):
         where = "importance" if len(items) == 1 else f"importance[{i}]"
+        if isinstance(item, str) and synapse and item in SYNAPSE_IMPORTANCE:
+            out.append(ImportanceConfig(name=item))
+            continue
+        name = item.get("name") if isinstance(item, dict) else item
+        if not synapse and name in SYNAPSE_IMPORTANCE and isinstance(_importance_entry(name), _SynapseOnly):
+            problems.append(f"`{where}` {name!r} is not one of {', '.join(NAME_RULE.choice_list())} ({name} ranks "
+                            f"synapses: use it with lock.granularity: synapse)")
+            bad.add("importance")
+            continue
         if isinstance(item, str):  # a bare name: checked by the `name` field's own rule
             before = len(problems)
             check_field(item, NAME_RULE, where, problems)
@@ -788,7 +826,7 @@ def _importances(raw: Any, problems: list[str], bad: set[str]) -> list[Importanc
                             f"{{name: slice, samples: 256}}, got {_show(item)}")
             bad.add("importance")
             continue
-        imp = _importance(item, where, problems, bad)
+        imp = _importance(item, where, problems, bad, synapse)
         if imp is not None:
             out.append(imp)
     labels = []
@@ -808,7 +846,9 @@ def _importances(raw: Any, problems: list[str], bad: set[str]) -> list[Importanc
 
 def _validate(c: Config, problems: list[str], bad: set[str]) -> None:
     """Checks that involve more than one field (each field on its own has passed its rule, or is in `bad`)."""
-    if c.lock.mode == "rate" and not {"lock.mode", "lock.values"} & bad:
+    if c.lock.granularity == "synapse" and "lock.granularity" not in bad:
+        _validate_synapse(c, problems, bad)
+    elif c.lock.mode == "rate" and not {"lock.mode", "lock.values"} & bad:
         for v in c.lock.values:
             if not 0 < v < 1:
                 problems.append(f"lock rate {v} is outside (0, 1): rates are fractions of all BN channels, "
@@ -816,6 +856,26 @@ def _validate(c: Config, problems: list[str], bad: set[str]) -> None:
     if c.select.targets is not None and not {"select.targets", "select.levels"} & bad \
             and len(c.select.targets) != c.select.levels:
         problems.append(f"`select.targets` has {len(c.select.targets)} values but `select.levels` is {c.select.levels}")
+
+
+def _validate_synapse(c: Config, problems: list[str], bad: set[str]) -> None:
+    """A synapse lock: rate mode, rates in (0, 1), importance slice / weight / random, a grid search."""
+    if c.lock.mode != "rate" and "lock.mode" not in bad:
+        problems.append(f"lock.granularity synapse takes lock.mode rate (the fraction of each layer's weights to "
+                        f"hide), not {c.lock.mode}: use lock.mode: rate")
+    elif "lock.values" not in bad:
+        for v in c.lock.values:
+            if not 0 < v < 1:
+                problems.append(f"lock rate {v} is outside (0, 1): a synapse lock hides that fraction of each "
+                                f"conv/linear layer's weights, e.g. 0.5 for NNSlicer's 50 %")
+    if "importance" not in bad:
+        other = [i.name for i in c.importance if i.name not in SYNAPSE_IMPORTANCE]
+        if other:
+            problems.append(f"lock.granularity synapse ranks synapses by importance {', '.join(SYNAPSE_IMPORTANCE)}; "
+                            f"{', '.join(other)} ranks channels: list only those, or use lock.granularity: channel")
+    if c.search.mode == "targeted":
+        problems.append("`search.mode: targeted` locks channels only: use search.mode: grid with "
+                        "lock.granularity: synapse")
 
 
 TOP_LEVEL = {"name", "seed", "data", "model", "train", "importance", "lock", "finetune", "sweep", "select", "release",
@@ -886,7 +946,8 @@ def _parse(raw: Any, source: str, problems: list[str]) -> Config:
             if len(problems) == before:
                 kwargs[k] = v
     kwargs["search"] = _search(raw.get("search"), raw.get("lock"), problems)
-    cfg = Config(importance=_importances(raw.get("importance"), problems, bad), **kwargs)
+    synapse = "lock.granularity" not in bad and kwargs["lock"].granularity == "synapse"
+    cfg = Config(importance=_importances(raw.get("importance"), problems, bad, synapse), **kwargs)
     _validate(cfg, problems, bad)
     if cfg.search.mode == "targeted" and len(cfg.importance) != 1 and "importance" not in bad:
         problems.append(f"`search.mode: targeted` searches one importance source, got {len(cfg.importance)} "

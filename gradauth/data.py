@@ -324,10 +324,10 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
 def check_config_against(cfg, ds: Dataset) -> None:
     """What a config asks of its data that only the loaded data can answer, checked before training (the sweep would
     find it only after the base model is trained): each importance criterion's `check_data` (slice: its classes)."""
-    from .registry import importance
+    from .config import importance_entry  # the registry's, or a synapse-only importance (weight, random)
     problems = []
     for imp in cfg.importance:
-        check = importance(imp.name).check_data
+        check = importance_entry(imp.name).check_data
         problem = check(imp.settings, ds) if check else None
         if problem:
             problems.append(f"`importance` {imp.label} {problem}")

@@ -62,15 +62,20 @@ class LockSpec:
     mode: str = knob(column="lock_mode", kind="str", id=None, id_always=True, title="lock mode")  # rate | threshold
     value: float = knob(column="lock_value", kind="float", id=lambda lock: lock.mode, id_always=True,
                         title="lock value")
+    # channel: BN channels ranked globally | synapse: conv/linear weights, the top `value` of each layer hidden
+    # (NNSlicer's model protection). Added later: left out of ids at its default, so channel ids stay as they were.
+    granularity: str = knob("channel", column="lock_granularity", kind="str", id="", title="lock granularity")
 
     @property
     def label(self) -> str:
-        return lock_label(self.mode, self.value)
+        return lock_label(self.mode, self.value, self.granularity)
 
 
-def lock_label(mode: str, value: float) -> str:
-    """`rate 10%` or `threshold 0.5`: how the report and `gradauth select` show a lock."""
-    return f"rate {100 * value:g}%" if mode == "rate" else f"{mode} {value:g}"
+def lock_label(mode: str, value: float, granularity: str = "channel") -> str:
+    """`rate 10%` or `threshold 0.5` (`synapse rate 50%` for a synapse lock): how the report and `gradauth select`
+    show a lock."""
+    text = f"rate {100 * value:g}%" if mode == "rate" else f"{mode} {value:g}"
+    return text if granularity in ("channel", None) or granularity != granularity else f"{granularity} {text}"
 
 
 def _pct(v: float) -> str:

@@ -101,7 +101,11 @@ def trial_context(cfg: Config, out: Path, ds: Dataset | None = None) -> TrialCon
     scores = {}
     for imp in cfg.importance:
         print(f"[sweep] importance {imp.label} …", file=sys.stderr)
-        scores[imp.label] = get_importance(imp)(model, ds)
+        if cfg.lock.granularity == "synapse":  # one score per conv/linear weight (synlock.py)
+            from .synlock import synapse_scores
+            scores[imp.label] = synapse_scores(imp, model, ds, cfg.seed)
+        else:
+            scores[imp.label] = get_importance(imp)(model, ds)
     return TrialContext(model.state_dict(), spec, scores, ds, info["base_acc"], lock_bound(cfg, ds.num_classes),
                         cfg.finetune.batch_size, cfg.finetune.momentum, cfg.finetune.weight_decay,
                         {"git_sha": git_sha(), "config_hash": cfg.hash()}, cfg.finetune.precision,

@@ -77,7 +77,7 @@ from .checkpoint import from_bytes, load_model_file, rebuild, to_bytes
 from .compact import compact
 from .errors import GradauthError
 from .models import bn_layers
-from .prune import Masks, apply_masks, count_removed, masks_from_model
+from .prune import Masks, apply_masks, count_removed, is_synapse, masks_from_model
 
 FORMAT = "gradauth-release/1"
 MAGIC = b"gradauth-pack/1\n"   # 16 bytes; also part of the associated data
@@ -248,11 +248,21 @@ def locked_copy(base: nn.Module, masks: Masks, noise_seed: int | None = None, ke
     With `noise_seed` the locked γ/β are redrawn (noise_fill) and the erased filters are random instead of zero, so
     nothing marks the locked channels. `keep_filters` gives the plain lock (only γ/β zeroed), for comparison. With
     `head_seed` the classifier head is redrawn too (`erase_head`, `release.erase_head`). No gradient hooks stay
-    behind: whoever holds the public model may train every weight."""
+    behind: whoever holds the public model may train every weight.
+
+    A synapse lock (weight masks, `lock.granularity: synapse`) has nothing more to erase (the hidden weights are
+    zero); with `noise_seed` they are redrawn from their layer's kept weights (synlock.noise_fill_synapses)."""
     model = copy.deepcopy(base)
     for h in apply_masks(model, masks):
         h.remove()
     gen = torch.Generator().manual_seed(noise_seed) if noise_seed is not None else None
+    if is_synapse(masks):
+        if gen is not None:
+            from .synlock import noise_fill_synapses
+            noise_fill_synapses(model, masks, gen)
+        if head_seed is not None:
+            erase_head(model, torch.Generator().manual_seed(head_seed))
+        return model.eval()
     if not keep_filters:
         erase(model, masks, gen)
     if gen is not None:
@@ -366,6 +376,8 @@ def public_model(out: Path, doc: dict | None = None) -> dict:
         importance = "+".join(sorted({str(r["importance"]) for _, r, _ in chosen}))
         strongest = max(chosen, key=lambda c: int(c[1]["locked_channels"]))[1]
         choice |= {"lock_mode": str(strongest["lock_mode"]), "lock_value": float(strongest["lock_value"])}
+    # channel | synapse (a union of synapse locks of one source at several rates is the strongest of them per layer)
+    choice["lock_granularity"] = "synapse" if is_synapse(masks) else "channel"
     return {"doc": doc, "chosen": chosen, "masks": masks, "importance": importance, "choice": choice}
 
 
@@ -448,12 +460,13 @@ def _level_pack(lv: dict, row, path: Path, ds, experiment: str) -> tuple[bytes, 
         print(f"[release] level {lv['level']}: the compacted model disagrees with the sweep's on {mismatched} test "
               "images (float rounding); its own accuracy is the expected one", file=sys.stderr)
     locked, total = count_removed(masks)
+    syn = {"lock_granularity": "synapse"} if is_synapse(masks) else {}  # locked/total_channels then count synapses
     entry = {"level": int(lv["level"]), "file": pack_name(int(lv["level"])), "trial_id": str(row["trial_id"]),
              "importance": str(row["importance"]), "lock_mode": str(row["lock_mode"]),
              "lock_value": float(row["lock_value"]), "locked_channels": locked, "total_channels": total,
              "schedule": lv.get("schedule"), "seed": int(row["seed"]), "expected_acc": top1, "expected_top3": top3,
              "sweep_fine_acc": float(row["fine_acc"]), "level_fine_acc": float(lv["fine_acc"]),
-             "prediction_mismatches": mismatched, "params": sum(p.numel() for p in small.parameters())}
+             "prediction_mismatches": mismatched, "params": sum(p.numel() for p in small.parameters()), **syn}
     return plain, entry
 
 
@@ -484,7 +497,8 @@ def build_release(out: Path) -> tuple[dict, dict[str, bytes], dict[int, bytes]]:
                            "init": "noise" if noise_seed is not None else "zeros",
                            "head": "redrawn" if head_seed is not None else "trained", "test_acc": acc, "test_top3": top3,
                            "lock_bound": bound, "lock_mode": choice["lock_mode"], "lock_value": choice["lock_value"],
-                           "chosen_by": choice["chosen_by"], "why": choice["why"]},
+                           "chosen_by": choice["chosen_by"], "why": choice["why"],
+                           **({"lock_granularity": "synapse"} if is_synapse(masks) else {})},
                 "thief": None if choice["chosen_by"] != THIEF else {
                     "by_fraction": choice["by_fraction"], "worst_head_start": choice["worst_head_start"],
                     "thief_prun_acc": choice["prun_acc"], "candidates": choice["candidates"],
@@ -721,7 +735,8 @@ def release_dir(out: Path, new_keys: bool = False) -> Path:
 
 def _print_release(final: Path, kfile: Path, manifest: dict, keys: dict[int, bytes]) -> None:
     lk = manifest["locked"]
-    print(f"[release] public model {final / LOCKED}: {lk['locked_channels']}/{lk['total_channels']} channels locked "
+    what = "synapses hidden" if lk.get("lock_granularity") == "synapse" else "channels locked"
+    print(f"[release] public model {final / LOCKED}: {lk['locked_channels']}/{lk['total_channels']} {what} "
           f"({lk['init']}), accuracy {lk['test_acc']:.4f} ≤ bound {lk['lock_bound']:.4f}", file=sys.stderr)
     print(f"[release] public lock: {lk.get('why', '')}", file=sys.stderr)
     for lv in manifest["levels"]:

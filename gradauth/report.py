@@ -260,8 +260,10 @@ def _levels_section(sel: dict | None, note: str | None = None) -> list[str]:
     if sel is None:
         return ["## Levels", "", "No levels.json yet: run `gradauth select DIR` to choose the levels.", ""]
     how = {1: "each level has its own lock", 2: "all levels share one locked model"}.get(sel.get("method"), "")
-    rows = [[lv["level"], f"{lv.get('importance', '')} {lock_label(lv['lock_mode'], lv['lock_value'])}"
-             + (f" ({lv['locked_channels']} ch)" if "locked_channels" in lv else ""),
+    syn = lambda lv: lv.get("lock_granularity") == "synapse"
+    rows = [[lv["level"], f"{lv.get('importance', '')} "
+             f"{lock_label(lv['lock_mode'], lv['lock_value'], lv.get('lock_granularity', 'channel'))}"
+             + (f" ({lv['locked_channels']} {'syn' if syn(lv) else 'ch'})" if "locked_channels" in lv else ""),
              schedule_label(lv["schedule"]), _acc(lv["prun_acc"]), f"{lv['fine_acc']:.3f} ± {lv['fine_acc_std']:.3f}",
              _acc(lv.get("fine_top3")), lv.get("seeds", len(lv["trial_ids"]))] for lv in sel["levels"]]
     s = sel.get("settings", {})
@@ -365,10 +367,17 @@ def _importance_section(trials: pd.DataFrame, bound: float, made: list[str]) -> 
         return []
     m = trials.dropna(subset=["prun_acc"]).groupby(["locked_channels", "importance"])["prun_acc"].mean().unstack()
     rows = [[_int(ch), *("–" if pd.isna(v) else _acc(v) for v in r)] for ch, r in m.iterrows()]
-    return ["## Importance sources", "", _fewest_channels(trials, bound), "",
-            "Locked accuracy (mean over seeds) by channels locked:", "",
-            *_table(["locked channels", *(f"`{c}`" for c in m.columns)], rows),
-            "![Importance sources](plots/importance.png)", ""]
+    out = ["## Importance sources", "", _fewest_channels(trials, bound), "",
+           "Locked accuracy (mean over seeds) by channels locked:", "",
+           *_table(["locked channels", *(f"`{c}`" for c in m.columns)], rows),
+           "![Importance sources](plots/importance.png)", ""]
+    if "lock_granularity" in trials and bool((trials["lock_granularity"] == "synapse").all()):
+        # a synapse sweep (lock.granularity: synapse): locked_channels counts hidden synapses
+        words = (("channels locked", "synapses hidden"), ("locked channels", "hidden synapses"),
+                 (" channels)", " synapses)"))
+        for a, b in words:
+            out = [line.replace(a, b) for line in out]
+    return out
 
 
 def _fewest_channels(trials: pd.DataFrame, bound: float) -> str:

@@ -143,7 +143,19 @@ def read_trials(path: str | os.PathLike, needed=()) -> pd.DataFrame:
         df = table.to_pandas()
     except Exception as e:
         raise bad(f"unreadable values ({type(e).__name__})") from None
+    df = _later_knob_defaults(df)
     _check_rows(df, bad)
+    return df
+
+
+def _later_knob_defaults(df: pd.DataFrame) -> pd.DataFrame:
+    """A knob added later (not `id_always`, e.g. lock_granularity) is its default where its cell is empty: rows
+    written before it existed, or by hand, mean the default."""
+    for cls in (LockSpec, Schedule):
+        for f, m in knobs(cls):
+            c = m["column"]
+            if not m["id_always"] and c in df and df[c].isna().any():
+                df[c] = df[c].astype(object).where(df[c].notna(), f.default)
     return df
 
 

@@ -289,7 +289,10 @@ def _level_dict(level: int, c: pd.Series) -> dict:
             "fine_acc": r(c["fine_acc"]), "fine_acc_std": r(c["fine_acc_std"]), "prun_acc": r(c["prun_acc"]),
             "trial_ids": list(c["trial_ids"]), "importance": c["importance"],
             "locked_channels": int(c["locked_channels"]), "fine_top3": r(c["fine_top3"]),
-            "fine_top3_std": r(c["fine_top3_std"]), "seeds": int(c["seeds"])}
+            "fine_top3_std": r(c["fine_top3_std"]), "seeds": int(c["seeds"]),
+            # a synapse lock says so; a channel level stays as levels.json always wrote it
+            **({"lock_granularity": str(c["lock_granularity"])}
+               if str(c.get("lock_granularity", "channel")) != "channel" else {})}
 
 
 def _reject(trial_ids, kind: str, why: str) -> list[dict]:
@@ -424,7 +427,8 @@ def _infeasible(df, groups, cands, L, settings) -> str:
 def format_table(selection: Selection) -> str:
     """The chosen levels as a fixed-width table for the terminal."""
     head = ["level", "lock", "schedule", "prun_acc", "fine_acc ± std", "top-3", "seeds"]
-    rows = [[str(lv["level"]), f"{lv['importance']} {lock_label(lv['lock_mode'], lv['lock_value'])}",
+    rows = [[str(lv["level"]), f"{lv['importance']} "
+             f"{lock_label(lv['lock_mode'], lv['lock_value'], lv.get('lock_granularity', 'channel'))}",
              schedule_label(lv["schedule"]), f"{lv['prun_acc']:.3f}",
              f"{lv['fine_acc']:.3f} ± {lv['fine_acc_std']:.3f}", f"{lv['fine_top3']:.3f}", str(lv["seeds"])]
             for lv in selection.levels]

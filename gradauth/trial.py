@@ -18,20 +18,21 @@ from .data import Dataset
 from .engine import evaluate
 from .finetune import finetune
 from .knobs import LockSpec, Schedule, knobs, schedules, to_row, trial_id
-from .prune import Masks, apply_masks, count_removed, empty_layers, lock_masks
+from .prune import Masks, apply_masks, count_removed, empty_layers, is_synapse, lock_masks, synapse_masks
 
 
 def _flat_fields() -> tuple[list, dict]:
     """TrialSpec's fields: LockSpec's under their column names (importance, lock_mode, lock_value), then Schedule's
-    under their own names (epochs, lr, data_fraction, scope, seed, and any knob added to Schedule)."""
-    out, where = [], {}
+    under their own names (epochs, lr, data_fraction, scope, seed, and any knob added to Schedule), then LockSpec's
+    knobs added later (lock_granularity): last, so positional TrialSpec(...) calls keep their meaning."""
+    out, where, later = [], {}, []
     for cls, flat in ((LockSpec, lambda f, m: m["column"]), (Schedule, lambda f, m: f.name)):
         for f, m in knobs(cls):
             name = flat(f, m)
             kw = {} if f.default is MISSING else {"default": f.default}
-            out.append((name, f.type, field(**kw)))
+            (later if cls is LockSpec and not m["id_always"] else out).append((name, f.type, field(**kw)))
             where[name] = (cls, f.name)
-    return out, where
+    return out + later, where
 
 
 _FIELDS, _WHERE = _flat_fields()
@@ -84,7 +85,8 @@ def locked_model(ctx: TrialContext, t: TrialSpec) -> tuple[nn.Module, Masks]:
     model = build_model(ctx.spec.arch, ctx.spec.num_classes, ctx.spec.in_channels, ctx.spec.width)
     model.load_state_dict(ctx.base_state)
     lock = t.lock
-    masks = lock_masks(ctx.scores[lock.importance], lock.mode, lock.value)
+    make = synapse_masks if lock.granularity == "synapse" else lock_masks  # synapse: ctx.scores are per weight
+    masks = make(ctx.scores[lock.importance], lock.mode, lock.value)
     # Zero the locked channels but keep no gradient hook: `finetune` registers the masks once the model is on its
     # device; a hook from here would hold a CPU tensor and fail the first backward on a GPU (g * k across devices).
     for h in apply_masks(model, masks):
@@ -126,8 +128,10 @@ def run_trial(ctx: TrialContext, t: TrialSpec, device: torch.device, *, ds: Data
              weight_decay=ctx.weight_decay, precision=ctx.precision, state=state,
              on_epoch=(lambda e, opt: on_epoch(e, model, opt, masks)) if on_epoch else None, progress=progress)
     fine_acc, fine_top3 = evaluate(model, ds, ds.test)
-    small = compact(model.cpu(), masks, ctx.spec.example())
-    row |= {"fine_acc": fine_acc, "fine_top3": fine_top3, "params": count_params(small),
+    small = compact(model.cpu(), masks, ctx.spec.example())  # a synapse lock removes no channel: same shape
+    # a synapse lock's locked/total count synapses; its params are the weights that may be nonzero
+    params = count_params(small) - (locked if is_synapse(masks) else 0)
+    row |= {"fine_acc": fine_acc, "fine_top3": fine_top3, "params": params,
             "flops": count_flops(small, ctx.spec.example()), "status": "ok", "seconds": time.perf_counter() - t0}
     return row, model, masks
 
@@ -157,7 +161,7 @@ def degenerate_lock(model: nn.Module, masks: Masks, example: torch.Tensor) -> st
 def grid(cfg) -> list[TrialSpec]:
     """Every (importance × lock value × schedule × seed) of the config, in a stable order."""
     scheds = schedules(cfg.finetune)
-    return [TrialSpec.of(LockSpec(imp.label, cfg.lock.mode, float(v)), s)
+    return [TrialSpec.of(LockSpec(imp.label, cfg.lock.mode, float(v), cfg.lock.granularity), s)
             for imp in cfg.importance for v in cfg.lock.values for s in scheds]
 
 

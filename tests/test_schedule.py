@@ -33,6 +33,11 @@ OLD_COLUMNS = {
 }
 
 
+# Knobs added since (knobs.py, `id_always` False: left out of trial ids at their default), where they sit in the file.
+LATER = {"lock_granularity": pa.string()}
+TODAYS_COLUMNS = dict(list(OLD_COLUMNS.items())[:7] + list(LATER.items()) + list(OLD_COLUMNS.items())[7:])
+
+
 def old_id(t) -> str:
     """The trial id as it was spelled before ids became exact (`:g` everywhere)."""
     return (f"{t.importance}-{t.lock_mode}{t.lock_value:g}-e{t.epochs}-lr{t.lr:g}-f{t.data_fraction:g}-{t.scope}"
@@ -40,16 +45,16 @@ def old_id(t) -> str:
 
 
 def test_derived_contract_is_todays():
-    assert list(schema.TRIAL_COLUMNS.items()) == list(OLD_COLUMNS.items())
-    assert schema.GRID == ("importance", "lock_mode", "lock_value", "ft_epochs", "ft_lr", "ft_data_fraction",
-                           "ft_scope", "seed")
-    assert select.GROUP == ["importance", "lock_mode", "lock_value", "ft_epochs", "ft_lr", "ft_data_fraction",
-                            "ft_scope"]
+    assert list(schema.TRIAL_COLUMNS.items()) == list(TODAYS_COLUMNS.items())
+    assert schema.GRID == ("importance", "lock_mode", "lock_value", "lock_granularity", "ft_epochs", "ft_lr",
+                           "ft_data_fraction", "ft_scope", "seed")
+    assert select.GROUP == ["importance", "lock_mode", "lock_value", "lock_granularity", "ft_epochs", "ft_lr",
+                            "ft_data_fraction", "ft_scope"]
     assert report.SCHEDULE == ["ft_epochs", "ft_lr", "ft_data_fraction", "ft_scope"]
     assert list(report.KNOBS.values()) == ["fine-tune epochs", "learning rate", "fraction of the training data",
                                            "parameters trained"]
     assert [f.name for f in dataclasses.fields(TrialSpec)] == ["importance", "lock_mode", "lock_value", "epochs", "lr",
-                                                               "data_fraction", "scope", "seed"]
+                                                               "data_fraction", "scope", "seed", "lock_granularity"]
     s = Schedule(8, 0.005, 1.0, "all", 3)
     assert s.label == "8 ep, lr 0.005, 100% data, all" == select.schedule_label(knobs.schedule_dict(s))
     assert knobs.schedule_dict(s) == {"epochs": 8, "lr": 0.005, "data_fraction": 1.0, "scope": "all"}
@@ -66,9 +71,9 @@ def test_trial_carries_one_lock_and_one_schedule():
     ctx = SimpleNamespace(ds=SimpleNamespace(name="digits", num_classes=10), spec=SimpleNamespace(arch="vgg_tiny"),
                           base_acc=0.9, provenance={"git_sha": "x", "config_hash": "y"})
     row = base_row(ctx, t)
-    assert [c for c in OLD_COLUMNS if c in row] == list(row)  # in contract order
+    assert [c for c in TODAYS_COLUMNS if c in row] == list(row)  # in contract order
     assert {k: row[k] for k in schema.GRID} == {"importance": "slice[3,5]", "lock_mode": "threshold",
-                                                 "lock_value": 0.25, "ft_epochs": 4, "ft_lr": 0.02,
+                                                 "lock_value": 0.25, "lock_granularity": "channel", "ft_epochs": 4, "ft_lr": 0.02,
                                                  "ft_data_fraction": 0.5, "ft_scope": "bn", "seed": 7}
     assert knobs.from_row(Schedule, row) == sched and knobs.from_row(LockSpec, row) == lock
 
@@ -78,7 +83,7 @@ def test_grid_is_the_product_of_the_knob_lists_in_todays_order(tiny_cfg):
                         "finetune": {"epochs": [1, 2], "lr": [0.01, 0.1], "data_fraction": [0.5, 1.0],
                                      "scope": ["all", "bn"], "seeds": [0, 1]}})
     ft = cfg.finetune
-    want = [(imp.label, cfg.lock.mode, v, e, lr, f, s, seed) for imp in cfg.importance for v in cfg.lock.values
+    want = [(imp.label, cfg.lock.mode, v, e, lr, f, s, seed, "channel") for imp in cfg.importance for v in cfg.lock.values
             for e in ft.epochs for lr in ft.lr for f in ft.data_fraction for s in ft.scope for seed in ft.seeds]
     assert [dataclasses.astuple(t) for t in grid(cfg)] == want and len(want) == 128
 
@@ -102,7 +107,9 @@ def test_trial_ids_are_exact_for_any_float():
 @pytest.mark.parametrize("config", sorted((ROOT / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_configs_keep_their_readable_ids(config):
     specs = grid(load_config(config))
-    assert [t.trial_id for t in specs] == [old_id(t) for t in specs] and len({t.trial_id for t in specs}) == len(specs)
+    # a synapse lock (lock.granularity, added later) adds its token after the lock; channel ids are the old ones
+    want = [old_id(t) if t.lock_granularity == "channel" else old_id(t).replace("-e", "-synapse-e", 1) for t in specs]
+    assert [t.trial_id for t in specs] == want and len({t.trial_id for t in specs}) == len(specs)
 
 
 def test_committed_results_keep_their_ids_and_model_names():
@@ -151,7 +158,8 @@ sys.path.insert(0, sys.argv[1])
 from paper_table import seeds, table, write_trials
 
 assert "ft_smoothing" in schema.TRIAL_COLUMNS and str(schema.TRIAL_COLUMNS["ft_smoothing"]) == "double"
-assert list(schema.TRIAL_COLUMNS)[13:15] == ["seed", "ft_smoothing"]
+cols = list(schema.TRIAL_COLUMNS)
+assert cols[cols.index("seed"):cols.index("seed") + 2] == ["seed", "ft_smoothing"]
 assert "ft_smoothing" in select.GROUP and "ft_smoothing" in schema.GRID and report.KNOBS["ft_smoothing"] == "label smoothing"
 t = TrialSpec("bn_gamma", "rate", 0.1, 3, 0.01, 1.0, "all", 0)
 assert t.smoothing == 0.0 and t.trial_id == "bn_gamma-rate0.1-e3-lr0.01-f1-all-s0"  # default: today's id

@@ -684,10 +684,12 @@ def run_targeted(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = F
                              gpu_fraction=resources["gpu"], finished=done or None, plugins=registry.snapshot()),
         resources)
     last = {"planner": planner}
+    from .console import SearchProgress
+    progress = SearchProgress(log)
 
     def on_search(p):
         last["planner"] = p
-        write_search(out_dir, p)
+        progress.update(write_search(out_dir, p))
 
     if restore:
         print(f"[sweep] resuming {exp_path} (the searcher's state is restored with it)", file=sys.stderr)
@@ -706,8 +708,8 @@ def run_targeted(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = F
                 name=rundir.EXPERIMENT, storage_path=storage, callbacks=[RowWriter()],
                 failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1))
-    write_search(out_dir, planner) if not restore else None
-    activate(log, ctx, on_search)
+    progress.update(write_search(out_dir, planner) if not restore else last["planner"].summary())
+    activate(log, ctx, on_search, tick=progress.tick)
     from .console import to_log
     try:
         # Tune's tables go to sweep.log as in a grid sweep; the outcome per target is printed below. A targeted sweep
@@ -718,6 +720,7 @@ def run_targeted(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = F
     finally:
         activate(None, None)
         log.flush(force=True)
+        progress.close()
     extra = []
     for r in results:
         ident = trial_ident(r.config)

@@ -162,3 +162,34 @@ def test_a_driver_killed_mid_pack_resumes_without_rerunning_a_point(half_base, t
     from gradauth.status import sweep_status
     s = sweep_status(out)
     assert (s["done"] + s["failed"], s["running"], s["pending"]) == (len(specs), 0, 0)
+
+
+# ---- the targeted search's progress line (console.SearchProgress) ------------------------------------------------
+
+def test_the_targeted_search_prints_one_line_per_target_state(tmp_path):
+    import io
+
+    from gradauth.config import load_config
+    from gradauth.console import SearchProgress
+    from gradauth.rows import SweepLog
+    from gradauth.search import Planner
+    cfg = load_config(Path(__file__).resolve().parents[1] / "sweeps" / "quickstart-targeted.yaml")
+    planner = Planner(cfg.search, 0.95, 0.2, cfg.select.min_gap, "bn_gamma", "rate")
+    log = SweepLog(tmp_path, "t", [], {}, fresh=True)
+    stream = io.StringIO()
+    progress = SearchProgress(log, stream)
+    summary = planner.summary()  # nothing run yet: every target is being probed
+    progress.update(summary)
+    first = stream.getvalue().splitlines()
+    assert len(first) == 1 and first[0].startswith("[search] targets 0.940 probing, 0.860 probing, 0.780 probing; "
+                                                   "0 trials (0 running)")
+    log.started("a")
+    levels = [dict(summary["levels"][0], status="hit", fine_acc=0.9412), summary["levels"][1],
+              dict(summary["levels"][2], status="missed", why="budget")]
+    progress.update(summary | {"levels": levels, "trials": 7, "trial_seconds": 42.0})
+    progress.tick()  # nothing settled since: throttled, no new line in a plain log
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3 and all(line.startswith("[search] targets ") for line in lines)
+    assert lines[1].startswith("[search] targets 0.940 hit 0.941, 0.860 probing, 0.780 missed; 7 trials (1 running), "
+                               "42 trial-s")

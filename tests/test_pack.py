@@ -193,3 +193,25 @@ def test_the_targeted_search_prints_one_line_per_target_state(tmp_path):
     assert len(lines) == 3 and all(line.startswith("[search] targets ") for line in lines)
     assert lines[1].startswith("[search] targets 0.940 hit 0.941, 0.860 probing, 0.780 missed; 7 trials (1 running), "
                                "42 trial-s")
+
+
+def test_a_point_that_raises_is_its_own_error_row_and_the_next_point_runs(half_base, capsys):
+    """Inside a pack each point runs through `run_point`: one that raises (here an importance criterion the
+    context lacks) becomes that point's `error` row, and the pack goes on to the next."""
+    import dataclasses
+
+    import torch
+
+    from gradauth.pipeline import trial_context
+    from gradauth.sweep import run_point
+    from gradauth.tune_rows import point_row
+    cfg = _cfg()
+    ctx = trial_context(cfg, half_base[1])
+    bad = dataclasses.replace(ctx, scores={})
+    t = grid(cfg)[0]
+    row, data = run_point(bad, t, torch.device("cpu"), ctx.ds)
+    assert row["status"] == "error" and row["trial_id"] == t.trial_id and data is None
+    assert point_row(row)["phase"] == "grid" and set(point_row(row)) >= {"fine_acc", "status", "seconds"}
+    assert f"grid point {t.trial_id} failed: KeyError" in capsys.readouterr().err
+    row, data = run_point(ctx, t, torch.device("cpu"), ctx.ds)
+    assert row["status"] in ("ok", "unlockable", "degenerate") and (data is not None) == (row["status"] == "ok")

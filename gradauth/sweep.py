@@ -414,13 +414,14 @@ def make_packs(specs: list[TrialSpec], size: int) -> list[list[TrialSpec]]:
     return [specs[i:i + size] for i in range(0, len(specs), size)]
 
 
-PROBE_POINTS, PROBE_S = 3, 1.0  # pack: auto times at most this many points per slot, for about this long
+PROBE_POINTS, PROBE_S = 4, 1.0  # pack: auto times 2 to this many points per slot, for about this long
 
 
 def _probe(ctx: TrialContext, specs: list[TrialSpec], threads: int, gpu_fraction: float, plugins,
            budget_s: float) -> list[tuple[dict, bytes | None]]:
-    """A Ray task: the first grid points back to back on a trial's resources, until `budget_s` has passed; their
-    rows (and models) are kept like any other, so timing them wastes nothing."""
+    """A Ray task: the first grid points back to back on a trial's resources, at least two (a fresh worker's first
+    point pays its warm-up: seconds, not the point's own cost) and more until `budget_s` has passed; their rows
+    (and models) are kept like any other, so timing them wastes nothing."""
     registry.restore(plugins)
     torch.set_num_threads(threads)
     device = pick_device()
@@ -428,7 +429,7 @@ def _probe(ctx: TrialContext, specs: list[TrialSpec], threads: int, gpu_fraction
     ds, out, t0 = _device_data(ctx, device), [], time.monotonic()
     for t in specs:
         out.append(run_point(ctx, t, device, ds))
-        if time.monotonic() - t0 >= budget_s:
+        if len(out) >= 2 and time.monotonic() - t0 >= budget_s:
             break
     return out
 
@@ -453,8 +454,7 @@ def _probe_points(cfg: Config, ctx: TrialContext, pending: list[TrialSpec], reso
             print(f"[sweep] pack: auto could not time the first points ({type(e).__name__}): packs of 1 until "
                   "some are timed", file=sys.stderr)
             continue
-        for row, data in got:
-            log.finished(point_row(row), data)
+        log.finished_many([(point_row(row), data) for row, data in got])
         timed += [r for r, _ in (got[1:] if len(got) > 1 else got)]
     return timed
 

@@ -176,8 +176,7 @@ class RowWriter(tune.Callback):
         except GradauthError as e:  # a model that is not a model file: the batch's points are failures
             print(f"[sweep] pack {trial}: {e}", file=sys.stderr)
             return
-        for row, data in got:
-            log.finished(row, data)
+        log.finished_many(got)
         self._pack_running(trial, pack.get("next"))
 
     def _pack_end(self, trial, why) -> None:

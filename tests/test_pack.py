@@ -215,3 +215,27 @@ def test_a_point_that_raises_is_its_own_error_row_and_the_next_point_runs(half_b
     assert f"grid point {t.trial_id} failed: KeyError" in capsys.readouterr().err
     row, data = run_point(ctx, t, torch.device("cpu"), ctx.ds)
     assert row["status"] in ("ok", "unlockable", "degenerate") and (data is not None) == (row["status"] == "ok")
+
+
+def test_a_packs_report_is_one_part_file_and_rows_stay_per_point(tmp_path):
+    """The driver writes a pack's report (several points) as its models and ONE part file; a point it already has is
+    skipped; CHUNK rows of loose parts become one chunk file; every row reads back, once."""
+    from gradauth import rows as rows_mod
+    from gradauth.rows import SweepLog
+
+    def row(i, status="ok"):
+        return {"trial_id": f"p{i:03d}", "status": status, "fine_acc": i / 1000, "seconds": 0.1, "phase": "grid"}
+    ids = [f"p{i:03d}" for i in range(rows_mod.CHUNK + 10)]
+    log = SweepLog(tmp_path, "x", ids, {}, fresh=True)
+    assert log.finished_many([(row(0), b"m0"), (row(1, "unlockable"), None), (row(2), b"m2")]) == 3
+    parts = sorted(p.name for p in (tmp_path / PARTS).glob("*.parquet"))
+    assert parts == ["p000.parquet"] and sorted(p.name for p in (tmp_path / "models").iterdir()) == ["p000.pt", "p002.pt"]
+    assert log.finished_many([(row(2), b"again"), (row(3), b"m3")]) == 1  # p002 has its row: not written again
+    assert (tmp_path / "models" / "p002.pt").read_bytes() == b"m2"
+    for i in range(4, rows_mod.CHUNK + 10, 7):
+        log.finished_many([(row(j), b"m") for j in range(i, min(i + 7, rows_mod.CHUNK + 10))])
+    names = sorted(p.name for p in (tmp_path / PARTS).glob("*.parquet"))
+    assert names[0] == "chunk-000001.parquet" and len(names) < 5  # the loose parts went into the chunk
+    df = read_parts(tmp_path)
+    assert sorted(df["trial_id"]) == ids and df.set_index("trial_id").loc["p042", "fine_acc"] == 0.042
+    assert log.state["p001"] == "unlockable" and sum(v == "ok" for v in log.state.values()) == len(ids) - 1

@@ -192,18 +192,40 @@ def _tree(path: Path) -> tuple[int, int]:
     return size, files
 
 
-def bench_scale(ns: tuple[int, ...] = SCALE_N, sample: int = 20) -> dict:
+def _plain_worker(args) -> float:
+    """One plain-loop process of the baseline: its share of the sample back to back, one torch thread, no Ray;
+    returns the seconds of the loop alone (the process is started and warmed up beforehand)."""
+    ctx, specs = args
+    from .sweep import run_sequential
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    run_sequential(ctx, specs, torch.device("cpu"))
+    return time.perf_counter() - t0
+
+
+def _plain_parallel(pool, ctx, specs, slots: int) -> float:
+    """Seconds per trial of `specs` run by `slots` plain processes at once (the sweep's parallelism, no Ray)."""
+    shares = [specs[i::slots] for i in range(slots)]
+    return max(pool.map(_plain_worker, [(ctx, sh) for sh in shares])) / len(specs)
+
+
+def bench_scale(ns: tuple[int, ...] = SCALE_N, sample: int = 200, pack=None) -> dict:
     """The driver as the sweep grows: per trial, its CPU seconds, the bytes it writes (/proc/self/io) and what lands
     in Ray's storage, its memory, `gradauth status` and `--resume` times, and Ray's overhead against the same trials
-    in a plain loop (`sweep.run_sequential`, on a sample). Only per-trial ratios between N are claims."""
+    in plain processes at the same parallelism (no Ray), measured just before and just after each sweep on a sample
+    of its grid points (every N/sample-th). The sweep packs grid points into Tune trials as `pack` says (default
+    auto; $GRADAUTH_BENCH_SCALE_PACK=1 measures it unpacked). Only per-trial ratios between N are claims."""
+    import multiprocessing
+
     from .data import load_dataset
     from .pipeline import train_stage, trial_context
     from .status import sweep_status
-    from .sweep import ensure_ray, run_sequential, run_sweep
+    from .sweep import ensure_ray, run_sweep
     from .trial import grid
+    pack = pack or "auto"
     cpus = os.cpu_count() or 2
     result = {"bench": "scale", "machine": machine(), "trials": "quickstart ×1.0 width, 1 epoch, 5 % data",
-              "load_average_start": os.getloadavg(), "runs": {}}
+              "pack": pack, "load_average_start": os.getloadavg(), "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cfg0 = scale_config(ns[0])
@@ -211,34 +233,39 @@ def bench_scale(ns: tuple[int, ...] = SCALE_N, sample: int = 20) -> dict:
         train_stage(cfg0, tmp / "base", ds)
         ctx = trial_context(cfg0, tmp / "base", ds)
         torch.set_num_threads(1)
-        specs = grid(cfg0)[:sample]
-        run_sequential(ctx, specs[:2], torch.device("cpu"))  # warm up
-        t0 = time.perf_counter()
-        run_sequential(ctx, specs, torch.device("cpu"))
-        plain = (time.perf_counter() - t0) / len(specs)
-        result["plain_loop_s_per_trial"] = plain
         ensure_ray(num_cpus=cpus)
         import ray
         slots = int(ray.cluster_resources().get("CPU", 1))
+        # the baseline's processes: started (spawned: never a fork of a Ray driver) and warmed up before any timing
+        pool = multiprocessing.get_context("spawn").Pool(slots)
+        _plain_parallel(pool, ctx, grid(cfg0)[:2 * slots], slots)
         for n in ns:
             cfg = scale_config(n)
             cfg.sweep.max_concurrent = slots
+            cfg.sweep.pack = pack
+            specs = grid(cfg)
+            picked = specs[::max(1, n // sample)][:sample]
             out = tmp / f"n{n}"
             out.mkdir()
+            plain_before = _plain_parallel(pool, ctx, picked, slots)
             logs0 = _tree(_ray_logs())[0]
             io0, cpu0, t0, load0 = _proc_io(), time.process_time(), time.perf_counter(), os.getloadavg()
             df = run_sweep(cfg, ctx, out)
             wall, cpu, io1 = time.perf_counter() - t0, time.process_time() - cpu0, _proc_io()
+            load1 = os.getloadavg()
+            plain_after = _plain_parallel(pool, ctx, picked, slots)
+            plain = (plain_before + plain_after) / 2
             storage, storage_files = _tree(out / rundir.RAY)
             ray_logs = _tree(_ray_logs())[0] - logs0
             state = sum(p.stat().st_size for p in (out / rundir.RAY / rundir.EXPERIMENT).glob("experiment_state*.json"))
+            packs = sum(1 for p in (out / rundir.RAY / rundir.EXPERIMENT).iterdir() if p.is_dir())
             out_bytes, out_files = _tree(out)
             (out / rundir.CONFIG).write_text(yaml_dump(cfg))
             status_s = min(_timed(lambda: sweep_status(out)) for _ in range(3))
             counts = sweep_status(out)
             resume_s = _timed(lambda: run_sweep(cfg, ctx, out, resume=True))
             result["runs"][str(n)] = {
-                "trials": n, "ok": int((df["status"] == "ok").sum()), "wall_s": wall,
+                "trials": n, "tune_trials": packs, "ok": int((df["status"] == "ok").sum()), "wall_s": wall,
                 "wall_s_per_trial": wall / n, "driver_cpu_s_per_trial": cpu / n,
                 "driver_write_bytes_per_trial": (io1["write_bytes"] - io0["write_bytes"]) / n,
                 "driver_wchar_per_trial": (io1["wchar"] - io0["wchar"]) / n,
@@ -248,9 +275,12 @@ def bench_scale(ns: tuple[int, ...] = SCALE_N, sample: int = 20) -> dict:
                 "driver_rss_mb": _rss_mb(), "status_s": status_s,
                 "status_counts": {k: counts[k] for k in ("done", "running", "pending", "failed")},
                 "resume_s_all_done": resume_s,
-                "ray_overhead_vs_plain": wall * slots / n / plain - 1,
-                "load_average_before_after": [load0, os.getloadavg()]}
+                "plain_s_per_trial_before_after": [plain_before, plain_after], "plain_sample": len(picked),
+                "ray_overhead_vs_plain": wall / n / plain - 1,
+                "load_average_before_after": [load0, load1]}
             print(f"[bench] N={n}: {json.dumps(result['runs'][str(n)])}", file=sys.stderr)
+        pool.close()
+        pool.join()
         ray.shutdown()
     runs = list(result["runs"].values())
     if len(runs) > 1:
@@ -258,13 +288,21 @@ def bench_scale(ns: tuple[int, ...] = SCALE_N, sample: int = 20) -> dict:
         result["growth_first_to_last"] = {k: b[k] / a[k] - 1 if a[k] else None for k in (
             "driver_cpu_s_per_trial", "driver_write_bytes_per_trial", "driver_wchar_per_trial", "wall_s_per_trial",
             "ray_storage_bytes_per_trial")}
+        # what one more trial costs, the fixed start (Ray's workers, Tune's setup, timing the first points) left out
+        plain_b = sum(b["plain_s_per_trial_before_after"]) / 2
+        result["marginal_ray_overhead_vs_plain"] = ((b["wall_s"] - a["wall_s"]) / (b["trials"] - a["trials"])
+                                                    / plain_b - 1)
     result["load_average_end"] = os.getloadavg()
     result["notes"] = (
-        f"{slots} trials at a time, one torch thread each; plain_loop_s_per_trial: {sample} of the same trials back "
-        "to back in the driver, one thread, no Ray. ray_overhead_vs_plain = wall per trial × slots / plain − 1 "
-        "(on a shared, loaded machine it includes everyone else's load). driver_write_bytes: what reached the disk "
-        "from the driver process (rows, models, Tune's experiment state); Ray's storage dir also gets the workers' "
-        "checkpoints. resume_s_all_done: `--resume` of the finished sweep (reads rows, starts no trial).")
+        f"{slots} trials at a time, one torch thread each; the sweep packs grid points into Tune trials (sweep.pack "
+        f"= {pack}). plain: every (N/{sample})-th grid point, {slots} plain processes at once (no Ray, one thread "
+        "each), timed just before and just after each sweep. ray_overhead_vs_plain = the sweep's wall per trial "
+        "(Ray's start excluded, Tune's setup and the packs' sizing included) / plain's − 1; "
+        "marginal_ray_overhead_vs_plain: the same for the trials between the first and the last N (the fixed start "
+        "cancels). On a shared, loaded machine both sides include everyone else's load: see load_average_*. "
+        "driver_write_bytes: what reached the disk from the driver process (rows, models, Tune's experiment "
+        "state); Ray's storage dir also gets the workers' checkpoints. resume_s_all_done: `--resume` of the "
+        "finished sweep (reads rows, starts no trial).")
     return result
 
 
@@ -457,7 +495,10 @@ def run_bench(name: str, out: Path | None = None) -> Path:
             ns = tuple(int(v) for v in os.environ.get("GRADAUTH_BENCH_SCALE_N", "").split(",") if v.strip()) or SCALE_N
         except ValueError:
             raise GradauthError("GRADAUTH_BENCH_SCALE_N: give trial counts like 100,1000") from None
-        result = bench_scale(ns)
+        pack = os.environ.get("GRADAUTH_BENCH_SCALE_PACK", "auto").strip()
+        if pack != "auto" and not (pack.isdigit() and int(pack) >= 1):
+            raise GradauthError(f"GRADAUTH_BENCH_SCALE_PACK={pack!r}: give auto or a number of grid points (1: unpacked)")
+        result = bench_scale(ns, pack=pack if pack == "auto" else int(pack))
     else:
         from .slicing.bench import bench_slicing
         return bench_slicing(out)

@@ -228,6 +228,8 @@ class SweepConfig:
     max_failures: int = opt(2, "int", lo=-1)           # retries of a trial whose worker died (resumes from its last checkpoint); -1: forever
     checkpoint_every: int = opt(1, "int", lo=1)        # epochs between trial checkpoints (resume points if a worker dies) ...
     checkpoint_min_s: float = opt(20.0, "float", lo=0)  # ... but at most one per this many seconds: short epochs aren't worth a save
+    pack: Any = opt(1, "pack")  # grid points per Tune trial: 1 (off) | N | auto (sized so a trial runs ~pack_seconds): for trials shorter than ~5 s (Tune costs ~0.5 s each)
+    pack_seconds: float = opt(10.0, "float", lo=0, lo_open=True)  # pack: auto aims each Tune trial at this many seconds
 
 
 @dataclass
@@ -564,14 +566,21 @@ class Config:
         for k in ANALYSES:  # likewise the analyses' sections at their defaults
             if getattr(self, k) == SECTIONS[k]():
                 d.pop(k)
+        # Packing changes how the grid is scheduled, never a row: off (the default) it is left out too.
+        if self.sweep.pack == 1 and self.sweep.pack_seconds == SweepConfig().pack_seconds:
+            d["sweep"].pop("pack")
+            d["sweep"].pop("pack_seconds")
         return d
 
     def hash(self) -> str:
         """What the trials depend on: the resolved config less the analyses' sections (`detect`, `simplify`), which
-        only configure commands that read the base model, so adding one never makes a folder's trials stale."""
+        only configure commands that read the base model, so adding one never makes a folder's trials stale, and
+        less the sweep's packing (how the grid is scheduled, not what it computes: rows are the same)."""
         d = self.to_dict()
         for k in ANALYSES:
             d.pop(k, None)
+        for k in ("pack", "pack_seconds"):
+            d["sweep"].pop(k, None)
         return _digest(d)
 
     def base_hash(self) -> str:
@@ -684,6 +693,12 @@ def check_field(value: Any, r: Rule, where: str, problems: list[str]) -> Any:
             return None
         problems.append(f"`{where}` must not be null: give a value or leave the key out")
         return None
+    if r.kind == "pack":
+        ok = value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= INT_MAX)
+        if not ok:
+            problems.append(f"`{where}` must be auto or a whole number of grid points per Tune trial (1: no "
+                            f"packing), got {_show(value)}")
+        return value if ok else None
     if r.kind == "resources":
         found = _resources_problems(value, where)
         problems += found

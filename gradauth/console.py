@@ -165,6 +165,47 @@ class SweepProgress:
         self.line.close(self.text() + f", {duration(time.monotonic() - self.t0)}")
 
 
+class SearchProgress:
+    """The targeted search (search.mode: targeted): per target hit / probing / missed, trials so far (running),
+    trial-seconds, elapsed. Fed the planner's `summary()` whenever the search's state changes; `tick` between."""
+
+    WORDS = {"hit": "hit", "searching": "probing", "missed": "missed"}
+
+    def __init__(self, log=None, stream=None):
+        self.log, self.t0, self.summary = log, time.monotonic(), None
+        self.line = Progress("search", stream)
+
+    def text(self) -> str:
+        s = self.summary or {}
+        parts = []
+        for lv in s.get("levels", []):
+            word = self.WORDS.get(lv["status"], lv["status"])
+            acc = f" {lv['fine_acc']:.3f}" if lv["status"] == "hit" and lv.get("fine_acc") is not None else ""
+            parts.append(f"{lv['target']:.3f} {word}{acc}")
+        running = sum(1 for v in self.log.state.values() if v == "running") if self.log is not None else 0
+        return (f"targets {', '.join(parts) or '?'}; {s.get('trials', 0)} trials ({running} running), "
+                f"{s.get('trial_seconds', 0.0):.0f} trial-s, {duration(time.monotonic() - self.t0)}")
+
+    @staticmethod
+    def _settled(summary: dict | None) -> tuple[int, int]:
+        """(targets settled, targets): the line's 'done of total'."""
+        levels = (summary or {}).get("levels", [])
+        return sum(1 for lv in levels if lv["status"] != "searching"), len(levels)
+
+    def update(self, summary: dict) -> None:
+        """A target settled (hit or missed) prints at once; otherwise as `Progress` throttles."""
+        changed = self.summary is None or self._settled(self.summary) != self._settled(summary)
+        self.summary = summary
+        self.line.update(*self._settled(summary), self.text(), force=changed)
+
+    def tick(self, force: bool = False) -> None:
+        if self.summary is not None:
+            self.line.update(*self._settled(self.summary), self.text(), force=force)
+
+    def close(self) -> None:
+        self.line.close(self.text() if self.summary is not None else None)
+
+
 @contextlib.contextmanager
 def to_log(path) -> "contextlib.AbstractContextManager":
     """Tune's tables, Ray's log records and anything else printed meanwhile → `path` (appended), unless verbose.

@@ -99,7 +99,7 @@ class SweepLog:
         # A 10,000-trial progress file is ~0.5 MB: rewrite it less often as the sweep grows.
         self.min_interval_s = min_interval_s if min_interval_s is not None else max(2.0, len(self.state) / 2000)
         self._last, self._dirty = 0.0, True
-        self._loose: list[str] = []  # trials whose row is a part file of its own, not yet in a chunk
+        self._loose: list[tuple[Path, list[str]]] = []  # part files not yet in a chunk, and their rows' ids
         self._chunks = 0
         if fresh:
             shutil.rmtree(out / PARTS, ignore_errors=True)  # a fresh sweep's rows must not mix with an old one's
@@ -123,27 +123,45 @@ class SweepLog:
 
     def finished(self, row: dict, model_bytes: bytes | None = None) -> bool:
         """Record a finished trial's row (and its model); False if it already has one (a re-reported trial)."""
-        tid = row["trial_id"]
-        if tid in self.rows:
-            return False
-        if model_bytes is not None:
-            with atomic_path(rundir.model_path(self.out, tid)) as tmp:
-                tmp.write_bytes(model_bytes)
-        write_trials([row], part_path(self.out, tid))
-        self.rows[tid] = row
-        self._loose.append(tid)
-        if len(self._loose) >= CHUNK:
+        return self.finished_many([(row, model_bytes)]) == 1
+
+    def finished_many(self, items: list[tuple[dict, bytes | None]]) -> int:
+        """Record several finished grid points at once (a pack's report): each model file, then ONE part file with
+        all their rows (named after the first), so the driver's cost per row stays small. Returns how many were
+        new (a row the log already has is skipped)."""
+        new, seen = [], set()
+        for row, data in items:
+            tid = row["trial_id"]
+            if tid in self.rows or tid in seen:
+                continue
+            part_path(self.out, tid)  # refuses a trial id that cannot name a file, before anything is written
+            seen.add(tid)
+            new.append((row, data))
+        if not new:
+            return 0
+        for row, data in new:
+            if data is not None:
+                with atomic_path(rundir.model_path(self.out, row["trial_id"])) as tmp:
+                    tmp.write_bytes(data)
+        part = part_path(self.out, new[0][0]["trial_id"])
+        write_trials([r for r, _ in new], part)
+        for row, _ in new:
+            self.rows[row["trial_id"]] = row
+        self._loose.append((part, [r["trial_id"] for r, _ in new]))
+        if sum(len(ids) for _, ids in self._loose) >= CHUNK:
             self._chunk()
-        self._set(tid, FINISHED.get(row["status"], "failed"))
-        return True
+        for row, _ in new:
+            self._set(row["trial_id"], FINISHED.get(row["status"], "failed"))
+        return len(new)
 
     def _chunk(self) -> None:
         """The loose parts → one chunk file (atomic), then the parts go (a crash in between leaves duplicates of
         identical rows, which readers drop)."""
         self._chunks += 1
-        write_trials([self.rows[t] for t in self._loose], self.out / PARTS / f"chunk-{self._chunks:06d}.parquet")
-        for t in self._loose:
-            part_path(self.out, t).unlink(missing_ok=True)
+        write_trials([self.rows[t] for _, ids in self._loose for t in ids],
+                     self.out / PARTS / f"chunk-{self._chunks:06d}.parquet")
+        for part, _ in self._loose:
+            part.unlink(missing_ok=True)
         self._loose = []
 
     def _set(self, trial_id: str, state: str) -> None:

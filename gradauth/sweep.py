@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -77,6 +78,8 @@ def tune_trainable(config: dict, ctx: TrialContext, threads: int = 1, checkpoint
     registry.restore(plugins)
     if "phase" in config:
         return _search_trainable(config, ctx, threads, gpu_fraction, finished)
+    if "pack" in config:
+        return _pack_trainable(config, ctx, threads, checkpoint_every, checkpoint_min_s, gpu_fraction, finished)
     t = TrialSpec(**config["trial"])
     if finished and t.trial_id in finished:
         tune.report(dict(finished[t.trial_id]) | {"epoch": t.epochs, "row_complete": True, "rereported": True})
@@ -110,6 +113,93 @@ def tune_trainable(config: dict, ctx: TrialContext, threads: int = 1, checkpoint
     _report(first | row | where | {"epoch": t.epochs, "row_complete": True}, model_bytes=data)
 
 
+PACK_FILE = "pack.json"     # in a pack's checkpoint: its finished points' rows, which of them are new, where it is
+PACK_REPORT_S = 0.5         # a pack reports its finished points at most this often (each report costs ~5 ms)
+
+
+def run_point(ctx: TrialContext, t: TrialSpec, device: torch.device, ds, state: dict | None = None,
+              on_epoch=None) -> tuple[dict, bytes | None]:
+    """One grid point of a pack: (row, model file bytes or None). A point that raises becomes its own `error` row
+    (what it raised, printed), so the pack's other points still run."""
+    t0 = time.perf_counter()
+    try:
+        row, model, masks = run_trial(ctx, t, device, ds=ds, state=state, on_epoch=on_epoch)
+    except Exception as e:  # noqa: BLE001: one point's failure is its row, not the pack's
+        why = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+        print(f"[sweep] grid point {t.trial_id} failed: {type(e).__name__}: {why}", file=sys.stderr)
+        from .trial import base_row
+        return base_row(ctx, t) | {"status": "error", "seconds": time.perf_counter() - t0}, None
+    return row, (to_bytes(model.cpu(), ctx.spec, masks) if model is not None else None)
+
+
+def _pack_trainable(config: dict, ctx: TrialContext, threads: int, checkpoint_every: int, checkpoint_min_s: float,
+                    gpu_fraction: float, finished: dict | None) -> None:
+    """A pack: several grid points back to back in one Tune trial (`sweep.pack`), so Tune's per-trial cost (~0.5 s)
+    is paid once per pack. Every report carries the points finished since the last one (rows in pack.json, models
+    as models/<trial_id>.pt) in a checkpoint, at most every PACK_REPORT_S: the driver's callback writes each row as
+    it arrives. The checkpoint also records every point of the pack done so far, so a pack restarted from it (a
+    worker died, or `--resume`) skips them, and so does one whose points the driver already has (`finished`)."""
+    from ray import tune
+    specs = [TrialSpec(**d) for d in config["pack"]]
+    torch.set_num_threads(threads)
+    device = pick_device()
+    cap_gpu_memory(device, gpu_fraction)
+    done: dict[str, dict] = {}
+    state, state_point = None, None
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            if (Path(d) / PACK_FILE).is_file():
+                saved = json.loads((Path(d) / PACK_FILE).read_text())
+                done, state_point = dict(saved["done"]), saved.get("state_point")
+            if state_point and (Path(d) / "state.pt").exists():
+                state = torch.load(Path(d) / "state.pt", map_location=device, weights_only=True)
+    skip = set(done) | set(finished or ())
+    batch: list[tuple[dict, bytes | None]] = []
+    ds = _device_data(ctx, device)
+
+    def report(final: bool, next_point: str | None, point_state: dict | None = None, point: str | None = None):
+        # batch_points: which points this report brings (result.json keeps every report: a record of what ran)
+        metrics = {"points_done": len(done), "pack_size": len(specs), "pack_complete": final,
+                   "batch_points": " ".join(r["trial_id"] for r, _ in batch)}
+        if not batch and point_state is None:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "models").mkdir()
+            for row, data in batch:
+                if data is not None:
+                    (Path(d) / "models" / f"{row['trial_id']}.pt").write_bytes(data)
+            if point_state is not None:
+                torch.save(point_state, Path(d) / "state.pt")
+            (Path(d) / PACK_FILE).write_text(json.dumps({
+                "done": done, "batch": [r["trial_id"] for r, _ in batch], "next": next_point, "state_point": point}))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        batch.clear()
+
+    todo = [t for t in specs if t.trial_id not in skip]
+    last = [time.monotonic()]
+    for i, t in enumerate(todo):
+        ckpt_last = [time.monotonic()]
+
+        def on_epoch(epoch, model, opt, masks, t=t, ckpt_last=ckpt_last):
+            due = (epoch + 1) % checkpoint_every == 0 and time.monotonic() - ckpt_last[0] >= checkpoint_min_s
+            if due and epoch + 1 < t.epochs:
+                report(False, t.trial_id, {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict()},
+                       t.trial_id)
+                ckpt_last[0] = last[0] = time.monotonic()
+
+        row, data = run_point(ctx, t, device, ds, state if t.trial_id == state_point else None, on_epoch)
+        done[t.trial_id] = row
+        batch.append((row, data))
+        nxt = todo[i + 1].trial_id if i + 1 < len(todo) else None
+        if nxt is None or time.monotonic() - last[0] >= PACK_REPORT_S:
+            report(nxt is None, nxt)
+            last[0] = time.monotonic()
+    if not todo:
+        report(True, None)
+
+
 def _search_trainable(config: dict, ctx: TrialContext, threads: int, gpu_fraction: float,
                       finished: dict | None) -> None:
     """A targeted search's trial (search.search_trial): a curve task reports its points; a level or thief trial its
@@ -132,7 +222,15 @@ def _search_trainable(config: dict, ctx: TrialContext, threads: int, gpu_fractio
     _report(result | {"trial_id": name, "row_complete": True}, model_bytes=data)
 
 
+def pack_name(points: list[str]) -> str:
+    """A pack's Tune trial name: its size and a digest of its grid points (stable across `--resume`)."""
+    import hashlib
+    return f"pack{len(points)}-{hashlib.sha256(chr(10).join(points).encode()).hexdigest()[:12]}"
+
+
 def _trial_name(trial) -> str:
+    if "pack" in trial.config:
+        return pack_name([TrialSpec(**d).trial_id for d in trial.config["pack"]])
     if "phase" in trial.config:
         from .search import trial_name
         return trial_name(trial.config)
@@ -288,6 +386,79 @@ def _write_points(storage: str, points: list[str]) -> None:
         f.write(json.dumps(points).encode())
 
 
+def concurrent_slots(cfg: Config, resources: dict, cluster: dict) -> int:
+    """How many trials the cluster runs at once now: its CPUs (and GPUs) over one trial's, within max_concurrent."""
+    fits = [cluster.get(k, 0) / resources[r] for k, r in (("CPU", "cpu"), ("GPU", "gpu")) if resources[r]]
+    n = max(1, int(min(fits) + 1e-9)) if fits else 1
+    return min(n, cfg.sweep.max_concurrent) if cfg.sweep.max_concurrent else n
+
+
+def point_seconds(rows: list[dict]) -> float | None:
+    """A grid point's typical seconds (median of the finished rows given; fine-tuned ones if any), or None."""
+    secs = [r.get("seconds") for r in rows if r.get("status") == "ok"] or [r.get("seconds") for r in rows]
+    secs = sorted(float(x) for x in secs if isinstance(x, (int, float)) and x == x and x > 0)
+    return secs[len(secs) // 2] if secs else None
+
+
+def pack_size(pack, pack_seconds: float, seconds: float | None, points: int, slots: int) -> int:
+    """Grid points per Tune trial: `pack` itself when a number; for auto, enough points of `seconds` each to run
+    ~pack_seconds, but no more than keeps every slot busy (points / slots), and 1 when nothing is measured."""
+    if pack != "auto":
+        return max(1, int(pack))
+    if not seconds:
+        return 1
+    return max(1, min(math.ceil(pack_seconds / seconds), math.ceil(points / max(1, slots))))
+
+
+def make_packs(specs: list[TrialSpec], size: int) -> list[list[TrialSpec]]:
+    return [specs[i:i + size] for i in range(0, len(specs), size)]
+
+
+PROBE_POINTS, PROBE_S = 4, 1.0  # pack: auto times 2 to this many points per slot, for about this long
+
+
+def _probe(ctx: TrialContext, specs: list[TrialSpec], threads: int, gpu_fraction: float, plugins,
+           budget_s: float) -> list[tuple[dict, bytes | None]]:
+    """A Ray task: the first grid points back to back on a trial's resources, at least two (a fresh worker's first
+    point pays its warm-up: seconds, not the point's own cost) and more until `budget_s` has passed; their rows
+    (and models) are kept like any other, so timing them wastes nothing."""
+    registry.restore(plugins)
+    torch.set_num_threads(threads)
+    device = pick_device()
+    cap_gpu_memory(device, gpu_fraction)
+    ds, out, t0 = _device_data(ctx, device), [], time.monotonic()
+    for t in specs:
+        out.append(run_point(ctx, t, device, ds))
+        if len(out) >= 2 and time.monotonic() - t0 >= budget_s:
+            break
+    return out
+
+
+def _probe_points(cfg: Config, ctx: TrialContext, pending: list[TrialSpec], resources: dict, slots: int,
+                  log: SweepLog) -> list[dict]:
+    """`pack: auto` with nothing measured yet: time the first points (PROBE_POINTS per slot, in parallel, as Ray
+    tasks on a trial's resources); their rows go to the log as they come back. Returns the rows, each task's first
+    point left out where it ran more (its first point pays the warm-up)."""
+    import ray
+    from .tune_rows import point_row
+    probe = ray.remote(_probe).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"], max_retries=0)
+    ctx_ref, plugins = ray.put(ctx), registry.snapshot()
+    refs = [probe.remote(ctx_ref, pending[i * PROBE_POINTS:(i + 1) * PROBE_POINTS], max(1, int(resources["cpu"])),
+                         resources["gpu"], plugins, PROBE_S)
+            for i in range(min(slots, math.ceil(len(pending) / PROBE_POINTS)))]
+    timed = []
+    for ref in refs:
+        try:
+            got = ray.get(ref)
+        except Exception as e:  # noqa: BLE001: a probe that died: its points run in packs like the others
+            print(f"[sweep] pack: auto could not time the first points ({type(e).__name__}): packs of 1 until "
+                  "some are timed", file=sys.stderr)
+            continue
+        log.finished_many([(point_row(row), data) for row, data in got])
+        timed += [r for r, _ in (got[1:] if len(got) > 1 else got)]
+    return timed
+
+
 def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = False) -> pd.DataFrame:
     """Run every grid point as a Tune trial; write out_dir/trials.parquet and out_dir/models/<trial_id>.pt.
 
@@ -299,7 +470,7 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
     trial whose end Tune's last snapshot missed re-reports its row on disk instead of training again."""
     from ray import tune
 
-    from .tune_rows import RowWriter, activate, row_from_result
+    from .tune_rows import RowWriter, activate, pack_rows_from_result, row_from_result
     if cfg.search.mode == "targeted":
         return run_targeted(cfg, ctx, out_dir, resume)
     specs = grid(cfg)
@@ -329,6 +500,20 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
     import ray
     resources = trial_resources(cfg.sweep.resources, started_here, ray.cluster_resources())
     cpu = resources["cpu"]
+    packs = None
+    if cfg.sweep.pack != 1 and not restore:
+        slots = concurrent_slots(cfg, resources, ray.cluster_resources())
+        seconds = point_seconds(list(done.values()))
+        if cfg.sweep.pack == "auto" and seconds is None and len(pending) > slots:
+            seconds = point_seconds(_probe_points(cfg, ctx, pending, resources, slots, log))
+            pending = [s for s in pending if s.trial_id not in log.rows]
+            points = sorted(s.trial_id for s in pending)
+        size = pack_size(cfg.sweep.pack, cfg.sweep.pack_seconds, seconds, len(pending), slots)
+        packs = make_packs(pending, size)
+        print(f"[sweep] pack: {len(pending)} grid points in {len(packs)} Tune trials of up to {size}"
+              + (f" (~{seconds:.2f} s a point, {slots} at a time)" if seconds else ""), file=sys.stderr)
+    if not pending:
+        return log.compact()
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, ctx=ctx, threads=max(1, int(cpu)), checkpoint_every=cfg.sweep.checkpoint_every,
                              checkpoint_min_s=cfg.sweep.checkpoint_min_s, gpu_fraction=resources["gpu"],
@@ -342,9 +527,11 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
         if not cfg.sweep.storage and Path(exp_path).exists():
             shutil.rmtree(exp_path)  # a fresh experiment must not mix with an old one's trials
         _write_points(storage, points)
+        space = ({"pack": tune.grid_search([[asdict(s) for s in pk] for pk in packs])} if packs is not None else
+                 {"trial": tune.grid_search([asdict(s) for s in pending])})
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial": tune.grid_search([asdict(s) for s in pending])},
+            param_space=space,
             tune_config=tune.TuneConfig(max_concurrent_trials=cfg.sweep.max_concurrent, reuse_actors=True,
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(
@@ -364,8 +551,12 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
     # Grid points the callback did not see finish: a restored experiment had finished them before (a new head node
     # whose output folder was lost restores everything from sweep.storage).
     missing = {s.trial_id for s in pending} - set(log.rows)
-    extra = [row_from_result(r, ctx, out_dir / rundir.MODELS) for r in results
-             if TrialSpec(**r.config["trial"]).trial_id in missing]
+    extra = []
+    for r in results:
+        if "pack" in r.config:
+            extra += pack_rows_from_result(r, ctx, out_dir / rundir.MODELS, missing)
+        elif TrialSpec(**r.config["trial"]).trial_id in missing:
+            extra.append(row_from_result(r, ctx, out_dir / rundir.MODELS))
     return log.compact(extra)
 
 
@@ -493,10 +684,12 @@ def run_targeted(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = F
                              gpu_fraction=resources["gpu"], finished=done or None, plugins=registry.snapshot()),
         resources)
     last = {"planner": planner}
+    from .console import SearchProgress
+    progress = SearchProgress(log)
 
     def on_search(p):
         last["planner"] = p
-        write_search(out_dir, p)
+        progress.update(write_search(out_dir, p))
 
     if restore:
         print(f"[sweep] resuming {exp_path} (the searcher's state is restored with it)", file=sys.stderr)
@@ -515,8 +708,8 @@ def run_targeted(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = F
                 name=rundir.EXPERIMENT, storage_path=storage, callbacks=[RowWriter()],
                 failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1))
-    write_search(out_dir, planner) if not restore else None
-    activate(log, ctx, on_search)
+    progress.update(write_search(out_dir, planner) if not restore else last["planner"].summary())
+    activate(log, ctx, on_search, tick=progress.tick)
     from .console import to_log
     try:
         # Tune's tables go to sweep.log as in a grid sweep; the outcome per target is printed below. A targeted sweep
@@ -527,6 +720,7 @@ def run_targeted(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = F
     finally:
         activate(None, None)
         log.flush(force=True)
+        progress.close()
     extra = []
     for r in results:
         ident = trial_ident(r.config)

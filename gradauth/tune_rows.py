@@ -36,6 +36,8 @@ def trial_ident(config: dict) -> tuple[str, str] | None:
     if "phase" in config:
         from .search import trial_name
         return None if config["phase"] == "curve" else (trial_name(config), config["phase"])
+    if "pack" in config:
+        return None  # a pack: its grid points have the rows (RowWriter's pack methods)
     return TrialSpec(**config["trial"]).trial_id, "grid"
 
 
@@ -63,6 +65,53 @@ def finished_row(t: TrialSpec, metrics: dict, checkpoint,
     return row, data
 
 
+def point_row(row: dict) -> dict:
+    """A packed grid point's row (as run_trial returns it) with exactly the trials.parquet columns."""
+    return {k: row.get(k) for k in TRIALS_SCHEMA.names} | {"phase": "grid"}
+
+
+PACK_FILE = "pack.json"  # sweep.PACK_FILE (not imported: sweep imports torch)
+
+
+def read_pack_checkpoint(checkpoint, only: set[str] | None = None) -> tuple[dict, list[tuple[dict, bytes | None]]]:
+    """(pack.json, [(row, model bytes)] of its new points, or of `only` among every point it records) from a pack's
+    checkpoint; a model is refused unless it is a plain gradauth model file."""
+    import json
+    with checkpoint.as_directory() as d:
+        d = Path(d)
+        if not (d / PACK_FILE).is_file():
+            return {}, []
+        pack = json.loads((d / PACK_FILE).read_text())
+        ids = (pack.get("batch") or []) if only is None else [t for t in pack.get("done", {}) if t in only]
+        out = []
+        for tid in ids:
+            row, data = point_row(pack["done"][tid]), None
+            if row["status"] == "ok":
+                f = d / "models" / f"{tid}.pt"
+                if not f.is_file():
+                    continue  # its model is in another of the pack's checkpoints
+                data = f.read_bytes()
+                from_bytes(data, f"checkpoint of {tid}")
+            out.append((row, data))
+    return pack, out
+
+
+def pack_rows_from_result(result, ctx: TrialContext, models_dir: Path, missing: set[str]) -> list[dict]:
+    """Rows of a pack's points in `missing` (the callback did not see them: a restored experiment had finished
+    them), from every checkpoint the pack kept; a point found in none gets an error row (`--resume` runs it)."""
+    specs = [TrialSpec(**d) for d in result.config["pack"]]
+    want = {t.trial_id for t in specs} & missing
+    rows: dict[str, dict] = {}
+    for ckpt, _ in (result.best_checkpoints or []):
+        for row, data in read_pack_checkpoint(ckpt, want - set(rows))[1]:
+            if data is not None:
+                with atomic_path(models_dir / f"{row['trial_id']}.pt") as tmp:
+                    tmp.write_bytes(data)
+            rows[row["trial_id"]] = row
+    return list(rows.values()) + [failed_row(ctx, t, result.error or "its pack ended without its row")
+                                  for t in specs if t.trial_id in want and t.trial_id not in rows]
+
+
 def row_from_result(result, ctx: TrialContext, models_dir: Path) -> dict:
     """A row from Tune's result grid, for a grid point whose row the callback did not see (a restored experiment
     that had already finished it, e.g. on a new head node whose output folder was lost)."""
@@ -83,18 +132,65 @@ def _ident(trial) -> tuple[TrialSpec, tuple[str, str]] | None:
     return None if ident is None else (TrialSpec(**trial.config["trial"]), ident)
 
 
+def _pack_points(trial) -> list[str] | None:
+    if "pack" not in trial.config:
+        return None
+    return [TrialSpec(**d).trial_id for d in trial.config["pack"]]
+
+
 class RowWriter(tune.Callback):
-    """Trial events → the active SweepLog: start, retry, finish (row + model file), failure after Tune's retries."""
+    """Trial events → the active SweepLog: start, retry, finish (row + model file), failure after Tune's retries.
+
+    A pack (several grid points in one Tune trial, `sweep.pack`) is recorded per grid point: each checkpoint it
+    reports brings the rows (and models) of the points it finished since the last; the point it works on counts as
+    running, the rest of it as pending."""
+
+    def _pack_running(self, trial, point: str | None) -> None:
+        current = _ACTIVE.setdefault("current", {})
+        log = _ACTIVE["log"]
+        old = current.pop(trial.trial_id, None)
+        if old is not None and old != point:
+            log.retrying(old)  # back to pending, unless it has its row
+        if point is not None:
+            current[trial.trial_id] = point
+            log.started(point)
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        if _ACTIVE and (i := _ident(trial)):
+        if _ACTIVE and (points := _pack_points(trial)) is not None:
+            self._pack_running(trial, next((t for t in points if t not in _ACTIVE["log"].rows), None))
+        elif _ACTIVE and (i := _ident(trial)):
             _ACTIVE["log"].started(i[1][0])
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        if _ACTIVE and (i := _ident(trial)):
+        if _ACTIVE and _pack_points(trial) is not None:
+            self._pack_running(trial, None)
+        elif _ACTIVE and (i := _ident(trial)):
             _ACTIVE["log"].retrying(i[1][0])
 
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        if not _ACTIVE or _pack_points(trial) is None:
+            return
+        log = _ACTIVE["log"]
+        try:
+            pack, got = read_pack_checkpoint(checkpoint)
+        except GradauthError as e:  # a model that is not a model file: the batch's points are failures
+            print(f"[sweep] pack {trial}: {e}", file=sys.stderr)
+            return
+        log.finished_many(got)
+        self._pack_running(trial, pack.get("next"))
+
+    def _pack_end(self, trial, why) -> None:
+        log, ctx = _ACTIVE["log"], _ACTIVE["ctx"]
+        self._pack_running(trial, None)
+        for d in trial.config["pack"]:
+            t = TrialSpec(**d)
+            if t.trial_id not in log.rows:
+                log.finished(failed_row(ctx, t, why))
+
     def on_trial_complete(self, iteration, trials, trial, **info):
+        if _ACTIVE and _pack_points(trial) is not None:
+            self._pack_end(trial, "its pack ended without its row")
+            return
         if not _ACTIVE or not (i := _ident(trial)):
             return
         log, ctx, (t, ident) = _ACTIVE["log"], _ACTIVE["ctx"], i
@@ -111,6 +207,9 @@ class RowWriter(tune.Callback):
         log.finished(row, data)
 
     def on_trial_error(self, iteration, trials, trial, **info):  # after Tune's retries (max_failures)
+        if _ACTIVE and _pack_points(trial) is not None:
+            self._pack_end(trial, "its pack raised (see its error.txt)")
+            return
         if _ACTIVE and (i := _ident(trial)):
             _ACTIVE["log"].finished(failed_row(_ACTIVE["ctx"], i[0], "it raised (see its error.txt)", i[1]))
 

@@ -39,6 +39,10 @@ def write_trials(rows: list[dict], path: Path) -> pd.DataFrame:
     """Rows → Parquet with the contract schema (docs/design.md, "trials.parquet"), atomically."""
     df = pd.DataFrame(rows, columns=TRIALS_SCHEMA.names).sort_values("trial_id", kind="stable").reset_index(drop=True)
     df["phase"] = df["phase"].where(df["phase"].notna(), "grid")  # a row without a phase is a grid point
+    # thief rows only: the dtype a reader of the file gets (pandas' str, NaN elsewhere), whether the rows came from
+    # Tune or from a kept Parquet file
+    df["thief_init"] = df["thief_init"].astype(object).where(df["thief_init"].notna(), None).astype(
+        pd.StringDtype(na_value=float("nan")))
     table = pa.Table.from_pandas(df, schema=TRIALS_SCHEMA, preserve_index=False)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)

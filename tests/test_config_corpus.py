@@ -225,7 +225,8 @@ def test_a_resolved_config_reads_back_identically(tmp_path):
     assert back == cfg and back.hash() == cfg.hash() and dump_config(back) == dump_config(cfg)
 
 
-@pytest.mark.parametrize("name", ["quickstart", "quickstart-criteria", "cifar10-cpu", "cifar10-cpu-criteria"])
+@pytest.mark.parametrize("name", ["quickstart", "quickstart-criteria", "cifar10-cpu", "cifar10-cpu-criteria",
+                                  "cifar10-cpu-targeted"])
 def test_shipped_sweeps_keep_the_hashes_of_their_committed_results(name):
     """The stricter parser must not change what a shipped sweep means: its hashes are those its committed results
     were made with (so --resume still reuses their base.pt and trials)."""

@@ -144,7 +144,9 @@ def test_spec_less_legacy_and_malformed_model_files(tmp_path, capsys):
 # ---- trials.parquet ------------------------------------------------------------------------------------------------
 
 def _trials() -> pd.DataFrame:
-    return pd.read_parquet(REF / "trials.parquet")
+    """The committed quickstart rows, with a knob column added after they were made at its default (as readers do)."""
+    from gradauth.knobs import LockSpec, Schedule, fill_defaults
+    return fill_defaults(fill_defaults(pd.read_parquet(REF / "trials.parquet"), LockSpec), Schedule)
 
 
 def _write(df: pd.DataFrame, path: Path, schema: pa.Schema | None = None) -> None:

@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from gradauth.config import load_config
-from gradauth.select import TRIAL_COLUMNS
+from gradauth.schema import WRITTEN_COLUMNS
 
 from conftest import with_base
 from localcluster import free_ports  # tests/ helper: free loopback ports
@@ -226,7 +226,7 @@ def test_quickstart_sweep_as_a_ray_job(half_base, tmp_path):
 
         stamp("job done")
         df = pd.read_parquet(out / "trials.parquet")
-        assert list(df.columns) == [*TRIAL_COLUMNS, "phase"] and len(df) == 2 and df["trial_id"].is_unique
+        assert list(df.columns) == list(WRITTEN_COLUMNS) and len(df) == 2 and df["trial_id"].is_unique
         assert set(df["status"]) <= {"ok", "unlockable"} and (df["status"] == "ok").any()
         assert (df["git_sha"] == sha).all()  # the uploaded code read the sha from the runtime env
         ok = df[df["status"] == "ok"]

@@ -77,18 +77,23 @@ def test_a_packed_sweep_writes_the_same_rows_as_an_unpacked_one(half_base, tmp_p
     would (same seeds, same one thread), and writes one row per point."""
     from gradauth.pipeline import trial_context
     from gradauth.sweep import ensure_ray, run_sweep
+    import ray
     ctx = trial_context(_cfg(), half_base[1])
     ensure_ray(num_cpus=2)
     got = {}
-    for pack in (1, 4, "auto"):
-        out = tmp_path / f"p{pack}"
-        out.mkdir()
-        # pack_seconds tiny: auto times the first points, then packs the rest in twos or more
-        got[pack] = run_sweep(_cfg(pack=pack, pack_seconds=0.2), ctx, out).set_index("trial_id")
-        assert not (out / PARTS).exists() and len(list((out / "models").glob("*.pt"))) == (got[pack].status == "ok").sum()
-        trials = [p.name for p in (out / "ray" / "sweep").iterdir() if p.is_dir()]
-        if pack == 4:
-            assert sorted(n[:5] for n in trials) == ["pack1", "pack4", "pack4"]  # 9 points: 4 + 4 + 1
+    try:   # the Ray this test starts goes with it: later tests start their own, or assert none runs
+        for pack in (1, 4, "auto"):
+            out = tmp_path / f"p{pack}"
+            out.mkdir()
+            # pack_seconds tiny: auto times the first points, then packs the rest in twos or more
+            got[pack] = run_sweep(_cfg(pack=pack, pack_seconds=0.2), ctx, out).set_index("trial_id")
+            assert not (out / PARTS).exists() and len(list((out / "models").glob("*.pt"))) == (
+                got[pack].status == "ok").sum()
+            trials = [p.name for p in (out / "ray" / "sweep").iterdir() if p.is_dir()]
+            if pack == 4:
+                assert sorted(n[:5] for n in trials) == ["pack1", "pack4", "pack4"]  # 9 points: 4 + 4 + 1
+    finally:
+        ray.shutdown()
     ref = got[1]
     assert len(ref) == 9 and set(ref.status) >= {"ok"} and ref.status.isin(["ok", "unlockable", "degenerate"]).all()
     for pack in (4, "auto"):

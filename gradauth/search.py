@@ -16,7 +16,8 @@ Three phases, all proposed by one pure-Python `Planner` over plain rows (no Ray)
   Observations are shared between targets (a point on a line serves every target on it). Extra seeds are spent only
   on a candidate whose mean is within `tolerance` of its target.
 - `thief`: the owner's thief budget (data fractions × a schedule) from scratch and from the public model (the
-  strongest lockable lock, and each hit level's lock), as trials of the same sweep.
+  strongest lockable lock, also each hit level's lock, or the owner's list of public-lock candidates; as released
+  and revived by the thief, `thief.forms`), as trials of the same sweep.
 
 The search stops when every target is hit (with its seeds) and the thief trials ran, or the budget is spent; then
 `Planner.summary()` names each missed target and why.
@@ -281,8 +282,8 @@ class Planner:
         self.seconds += float(row.get("seconds") or 0.0)
         keep = {k: _plain(v) for k, v in row.items() if k in _ROW_KEYS}
         self.obs[key] = {"phase": p["phase"], "spec": p["spec"], "row": keep} | (
-            {"target": p["target"]} if "target" in p else {}) | (
-            {"thief_init": p["thief_init"]} if "thief_init" in p else {})   # the target it was proposed for (status counts)
+            {"target": p["target"]} if "target" in p else {}) | (   # the target it was proposed for (status counts)
+            {"thief_init": p["thief_init"]} if "thief_init" in p else {})   # a thief's start: as released or revived
         if p["phase"] == "level" and row.get("total_channels"):
             self.total_channels = int(row["total_channels"])
 

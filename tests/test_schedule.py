@@ -118,7 +118,11 @@ def test_committed_results_keep_their_ids_and_model_names():
         df = pd.read_parquet(path)
         for r in df.to_dict("records"):
             t = TrialSpec.of(knobs.from_row(LockSpec, r), knobs.from_row(Schedule, r))
-            assert t.trial_id == r["trial_id"]
+            if r.get("phase") == "thief":   # a thief attack: `thief-<id>`, `-revive` for the revived start
+                revived = r.get("thief_init") == "revive"
+                assert r["trial_id"] == f"thief-{t.trial_id}" + ("-revive" if revived else "")
+            else:
+                assert t.trial_id == r["trial_id"]
             checked += 1
         models = path.parent / "models"
         if models.is_dir():

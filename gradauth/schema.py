@@ -129,7 +129,8 @@ def read_trials(path: str | os.PathLike, needed=()) -> pd.DataFrame:
     names = table.schema.names
     if len(set(names)) != len(names):
         raise bad("duplicated column names")
-    missing = [c for c in needed if c not in names]
+    later = {m["column"] for cls in (LockSpec, Schedule) for _, m in knobs(cls) if not m["id_always"]}
+    missing = [c for c in needed if c not in names and c not in later]   # a later knob's column: its default
     if missing:
         raise GradauthError(f"{path} lacks column(s) {', '.join(missing)}: it was not written by `gradauth sweep`; "
                             f"{REWRITE_TRIALS}")
@@ -154,7 +155,9 @@ def _later_knob_defaults(df: pd.DataFrame) -> pd.DataFrame:
     for cls in (LockSpec, Schedule):
         for f, m in knobs(cls):
             c = m["column"]
-            if not m["id_always"] and c in df and df[c].isna().any():
+            if not m["id_always"] and c not in df:   # a file written before the knob existed
+                df[c] = f.default
+            elif not m["id_always"] and df[c].isna().any():
                 df[c] = df[c].astype(object).where(df[c].notna(), f.default)
     return df
 

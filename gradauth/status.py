@@ -38,7 +38,9 @@ def sweep_status(out: Path) -> dict:
     states = dict(progress["trials"]) if progress else {}
     if states:
         rows = rows[rows["trial_id"].isin(set(states))]  # rows of this sweep's grid only
-    total = len(states) if states else _grid_size(cfg)
+    # without progress.json (a folder copied without it): the grid's size, or for a targeted search, whose trials
+    # are proposed as it goes, the rows there are
+    total = len(states) if states else (len(rows) if cfg.search.mode == "targeted" else _grid_size(cfg))
     counts = {"done": 0, "running": 0, "pending": 0, "failed": 0}
     by_status: dict[str, int] = {}
     for status, n in rows["status"].value_counts().items():

@@ -234,3 +234,13 @@ def test_status_refuses_a_damaged_row_or_progress_file_in_one_line(tmp_path, tin
     assert main(["status", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and ("damaged row file" if damage == "part" else "not a gradauth progress") in err
+
+
+@pytest.mark.parametrize("name", ["quickstart", "cifar10-cpu", "cifar10-cpu-targeted"])
+def test_status_reads_every_committed_reference(name, capsys):
+    """A committed folder (no progress.json, rows written before a later knob such as lock_granularity existed):
+    `status` answers with every row counted once, the knob read as its default."""
+    out = ROOT / "results" / name
+    n = len(pd.read_parquet(out / "trials.parquet"))
+    assert main(["status", str(out)]) == 0
+    assert f"{name}: {n}/{n} trials done" in capsys.readouterr().out

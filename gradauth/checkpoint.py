@@ -159,3 +159,22 @@ def rebuild(obj: dict) -> tuple[nn.Module, ModelSpec, Masks]:
     except (RuntimeError, KeyError, ValueError) as e:
         raise GradauthError(f"model file does not match its own description ({str(e).splitlines()[0][:120]}): regenerate it")
     return model.eval(), spec, masks
+
+
+def base_for(cfg, out: Path, command: str, ds=None, model: nn.Module | None = None):
+    """(model on the CPU in eval mode, dataset) for a command that reads DIR/base.pt (detect, simplify): the given
+    model, or DIR/base.pt checked against the config's data (classes and channels), one line if either is off."""
+    from . import rundir
+    from .data import load_dataset
+    spec = None
+    if model is None:
+        if not (out / rundir.BASE).is_file():
+            raise GradauthError(f"{out / 'base.pt'} not found: run `gradauth train CONFIG` first, then {command}")
+        model, spec, _ = rebuild(load_model_file(out / rundir.BASE))
+    model = model.cpu().eval()
+    ds = ds or load_dataset(cfg.data, cfg.seed)
+    if spec is not None and (ds.num_classes, ds.in_channels) != (spec.num_classes, spec.in_channels):
+        raise GradauthError(f"{out / 'base.pt'} is a {spec.num_classes}-class, {spec.in_channels}-channel model but "
+                            f"{cfg.data.name} has {ds.num_classes} classes, {ds.in_channels} channels: pass its own "
+                            "config")
+    return model, ds

@@ -254,25 +254,14 @@ def run_attack(net: nn.Module, name: str, eps: float | None, x01: torch.Tensor, 
 
 def detect(cfg, out: Path, settings: Settings, ds=None, model: nn.Module | None = None) -> Path:
     """The whole experiment → out/detect.parquet, out/detect.md, out/plots/detect.png."""
-    from .data import load_dataset
     from .slicing.stage import profile_inputs
     attacks = parse_attacks(settings.attacks)  # refuse bad input before any work
     try:
         import foolbox  # noqa: F401
     except ImportError:
         raise GradauthError("foolbox is not installed: pip install -e . (pyproject pins foolbox==3.3.4)")
-    spec = None
-    if model is None:
-        from .checkpoint import load_model_file, rebuild
-        if not (out / rundir.BASE).is_file():
-            raise GradauthError(f"{out / 'base.pt'} not found: run `gradauth train CONFIG` first, then detect")
-        model, spec, _ = rebuild(load_model_file(out / rundir.BASE))
-    model = model.cpu().eval()
-    ds = ds or load_dataset(cfg.data, cfg.seed)
-    if spec is not None and (ds.num_classes, ds.in_channels) != (spec.num_classes, spec.in_channels):
-        raise GradauthError(f"{out / 'base.pt'} is a {spec.num_classes}-class, {spec.in_channels}-channel model but "
-                            f"{cfg.data.name} has {ds.num_classes} classes, {ds.in_channels} channels: pass its own "
-                            "config")
+    from .checkpoint import base_for
+    model, ds = base_for(cfg, out, "detect", ds, model)
     torch.manual_seed(settings.seed)
     net = Normalised(model, ds.mean, ds.std).eval()
     normal = ds.train.subset(settings.normal, settings.seed)

@@ -236,19 +236,8 @@ def finetune_pruned(pruned: Pruned, ds: Dataset, train: Split, s: Settings) -> N
 
 def simplify(cfg, out: Path, settings: Settings, ds: Dataset | None = None, model: nn.Module | None = None) -> Path:
     """The whole experiment → out/simplify.parquet, out/simplify.md, out/plots/simplify.png."""
-    from .data import load_dataset
-    spec = None
-    if model is None:
-        from .checkpoint import load_model_file, rebuild
-        if not (out / rundir.BASE).is_file():
-            raise GradauthError(f"{out / 'base.pt'} not found: run `gradauth train CONFIG` first, then simplify")
-        model, spec, _ = rebuild(load_model_file(out / rundir.BASE))
-    model = model.cpu().eval()
-    ds = ds or load_dataset(cfg.data, cfg.seed)
-    if spec is not None and (ds.num_classes, ds.in_channels) != (spec.num_classes, spec.in_channels):
-        raise GradauthError(f"{out / 'base.pt'} is a {spec.num_classes}-class, {spec.in_channels}-channel model but "
-                            f"{cfg.data.name} has {ds.num_classes} classes, {ds.in_channels} channels: pass its own "
-                            "config")
+    from .checkpoint import base_for
+    model, ds = base_for(cfg, out, "simplify", ds, model)
     s = settings
     subsets = class_subsets(s, ds.num_classes)  # refuse bad classes before any work
     bn_after(model)  # and a model the slicer cannot trace

@@ -406,11 +406,16 @@ def bench_search_pair(name: str, grid_cfg, targeted_cfg, work: Path, base_from: 
             got = [lv.get("fine_acc") if lv["status"] == "hit" else None for lv in summary["levels"]]
             entry["missed"] = {str(lv["level"]): lv.get("why") for lv in summary["levels"] if lv["status"] != "hit"}
             entry["sellable"] = [lv.get("sellable") for lv in summary["levels"]]
+            entry["hit_trial_seconds"] = _hit_seconds(df, summary["levels"])
         entry["levels"] = _reached(got, targets, tol)
         entry["all_within_tolerance"] = all(r["within_tolerance"] for r in entry["levels"])
         runs[side] = entry
+    gsec = max(runs["grid"]["trial_seconds"], 1e-9)
     out |= {"base_acc": base_acc, "targets": targets, "tolerance": tol, **runs,
-            "trial_seconds_ratio": runs["targeted"]["trial_seconds"] / max(runs["grid"]["trial_seconds"], 1e-9),
+            "trial_seconds_ratio": runs["targeted"]["trial_seconds"] / gsec,
+            # what even a search that guessed every level's lock and schedule at once would pay: the hit levels'
+            # own seed trials (a floor for the ratio above on this base)
+            "hit_trial_seconds_ratio": runs["targeted"]["hit_trial_seconds"] / gsec,
             "wall_ratio": None if dirs is not None else runs["targeted"]["wall_s"] / max(runs["grid"]["wall_s"], 1e-9)}
     return out
 
@@ -439,6 +444,22 @@ def _finished_rows(cfg, d: Path, side: str):
         if s is None or not s["summary"]["finished"]:
             raise GradauthError(f"bench search: the targeted search in {d} has not finished: {fix}")
     return df
+
+
+def _hit_seconds(df, levels: list[dict]) -> float:
+    """Trial-seconds of the rows that make the search's hit levels: each level's lock and schedule, every seed."""
+    import numpy as np
+    lv_rows = df[df["phase"] == "level"] if "phase" in df else df
+    total = 0.0
+    for lv in levels:
+        if lv.get("status") != "hit":
+            continue
+        e, lr, f, scope = lv["schedule"]
+        m = (np.isclose(lv_rows["lock_value"], lv["lock_value"]) & (lv_rows["ft_epochs"] == e)
+             & np.isclose(lv_rows["ft_lr"], lr) & np.isclose(lv_rows["ft_data_fraction"], f)
+             & (lv_rows["ft_scope"] == scope))
+        total += float(lv_rows.loc[m, "seconds"].fillna(0).sum())
+    return total
 
 
 def _rows_sha(d: Path) -> str | None:

@@ -288,6 +288,10 @@ def test_bench_search_compares_grid_and_targeted_on_one_base(tmp_path, tiny_cfg)
         assert side["all_within_tolerance"] == all(
             lv["level"] is not None and abs(lv["level"] - lv["target"]) <= 0.03 + 1e-9 for lv in side["levels"])
     assert r["trial_seconds_ratio"] == pytest.approx(t["trial_seconds"] / g["trial_seconds"])
+    # the hit levels' own trials: part of what the search paid, and some of it when a level was hit
+    hits = [lv for lv in t["levels"] if lv["level"] is not None]
+    assert 0 <= t["hit_trial_seconds"] < t["trial_seconds"] and (t["hit_trial_seconds"] > 0) == bool(hits)
+    assert r["hit_trial_seconds_ratio"] == pytest.approx(t["hit_trial_seconds"] / g["trial_seconds"])
     assert json.loads((tmp_path / "grid" / "base.json").read_bytes()) == json.loads(
         (tmp_path / "targeted" / "base.json").read_bytes())
 

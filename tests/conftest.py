@@ -213,3 +213,35 @@ def _markers_say_what_a_test_starts(request):
         event, args = _spawned[n_before]
         what = "@pytest.mark.ray" if "/ray/" in args else "@pytest.mark.subprocess"  # Ray's own binaries
         pytest.fail(f"{node.nodeid} started a process ({event} {args}): mark it {what}", pytrace=False)
+
+
+# ------------------------------------------------------------------------------------------ two test workers
+# The suite runs on two pytest-xdist workers (pyproject's addopts): most of its wall time is Ray starting and
+# waiting. The tests that start Ray nodes as processes and kill them on a clock (xdist_group "cluster": node loss,
+# autoscaler, killed workers and drivers, `ray job submit`) must not share the two cores with another test: they
+# take an exclusive lock, every other test a shared one. A cluster test waiting for it raises a flag first, so the
+# other worker stops taking new shared locks and the exclusive one is not starved.
+@pytest.fixture(autouse=True)
+def _cluster_tests_run_alone(request, tmp_path_factory):
+    import fcntl
+    import time
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:  # one process (-n 0, or a single test): nothing runs beside it
+        yield
+        return
+    shared = tmp_path_factory.getbasetemp().parent  # the same folder for every worker of this run
+    lock, flag = shared / "cluster.lock", shared / "cluster.waiting"
+    alone = any(m.args == ("cluster",) for m in request.node.iter_markers("xdist_group"))
+    with open(lock, "a+") as fh:
+        if alone:
+            flag.touch()
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            flag.unlink(missing_ok=True)
+        else:
+            while flag.exists():
+                time.sleep(0.2)
+            fcntl.flock(fh, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

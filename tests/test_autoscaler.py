@@ -79,6 +79,7 @@ CFG = {
 
 
 @pytest.mark.ray
+@pytest.mark.xdist_group("cluster")
 def test_pending_gpu_trials_scale_gpu_workers_up_then_idle_ones_down(tmp_path):
     rehearsal = yaml.safe_load(REHEARSAL.read_text())
     types = {name: (node["resources"].get("CPU", 0), node["resources"].get("GPU", 0))

@@ -21,7 +21,7 @@ from gradauth.trial import degenerate_lock, grid, locked_model, run_trial
 from conftest import with_base
 
 # Real `gradauth sweep` processes, each starting its own Ray.
-pytestmark = [pytest.mark.ray, pytest.mark.subprocess]
+pytestmark = [pytest.mark.ray, pytest.mark.subprocess, pytest.mark.xdist_group("cluster")]
 
 CFG = {
     "name": "ft", "data": {"name": "digits", "crop_pad": 1, "flip": False},

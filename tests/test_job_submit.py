@@ -35,7 +35,7 @@ from gradauth.schema import WRITTEN_COLUMNS
 from conftest import with_base
 from localcluster import free_ports  # tests/ helper: free loopback ports
 
-pytestmark = [pytest.mark.ray, pytest.mark.subprocess]  # a Ray node and `ray job` CLIs as real processes
+pytestmark = [pytest.mark.ray, pytest.mark.subprocess, pytest.mark.xdist_group("cluster")]  # a Ray node and `ray job` CLIs as real processes
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` CLI of this interpreter

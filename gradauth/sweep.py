@@ -68,18 +68,20 @@ def cap_gpu_memory(device: torch.device, fraction: float) -> float | None:
 
 def tune_trainable(config: dict, ctx: TrialContext, threads: int = 1, checkpoint_every: int = 1,
                    checkpoint_min_s: float = 0.0, gpu_fraction: float = 0.0, finished: dict | None = None,
-                   plugins=None) -> None:
+                   plugins=None, points: dict | None = None) -> None:
     """The Ray Tune function trainable: restore, run the plain trial, report the row (and the model) at the end.
 
     `finished` holds the rows the driver already has on disk (a `--resume`): a trial among them (Tune's last
     snapshot missed its end) re-reports its row at once instead of training again. `plugins`: the driver's
-    registered models/datasets/criteria (registry.py), loaded once per worker before anything is built."""
+    registered models/datasets/criteria (registry.py), loaded once per worker before anything is built. `points`:
+    {trial_id: grid point} of a packed sweep, whose Tune configs name their points by id only."""
     from ray import tune
     registry.restore(plugins)
     if "phase" in config:
         return _search_trainable(config, ctx, threads, gpu_fraction, finished)
     if "pack" in config:
-        return _pack_trainable(config, ctx, threads, checkpoint_every, checkpoint_min_s, gpu_fraction, finished)
+        return _pack_trainable(config, ctx, threads, checkpoint_every, checkpoint_min_s, gpu_fraction, finished,
+                               points or {})
     t = TrialSpec(**config["trial"])
     if finished and t.trial_id in finished:
         tune.report(dict(finished[t.trial_id]) | {"epoch": t.epochs, "row_complete": True, "rereported": True})
@@ -133,14 +135,14 @@ def run_point(ctx: TrialContext, t: TrialSpec, device: torch.device, ds, state: 
 
 
 def _pack_trainable(config: dict, ctx: TrialContext, threads: int, checkpoint_every: int, checkpoint_min_s: float,
-                    gpu_fraction: float, finished: dict | None) -> None:
+                    gpu_fraction: float, finished: dict | None, points: dict) -> None:
     """A pack: several grid points back to back in one Tune trial (`sweep.pack`), so Tune's per-trial cost (~0.5 s)
     is paid once per pack. Every report carries the points finished since the last one (rows in pack.json, models
     as models/<trial_id>.pt) in a checkpoint, at most every PACK_REPORT_S: the driver's callback writes each row as
     it arrives. The checkpoint also records every point of the pack done so far, so a pack restarted from it (a
     worker died, or `--resume`) skips them, and so does one whose points the driver already has (`finished`)."""
     from ray import tune
-    specs = [TrialSpec(**d) for d in config["pack"]]
+    specs = [TrialSpec(**points[tid]) for tid in config["pack"]]  # the config names them: Tune's state stays small
     torch.set_num_threads(threads)
     device = pick_device()
     cap_gpu_memory(device, gpu_fraction)
@@ -230,7 +232,7 @@ def pack_name(points: list[str]) -> str:
 
 def _trial_name(trial) -> str:
     if "pack" in trial.config:
-        return pack_name([TrialSpec(**d).trial_id for d in trial.config["pack"]])
+        return pack_name(list(trial.config["pack"]))
     if "phase" in trial.config:
         from .search import trial_name
         return trial_name(trial.config)
@@ -518,7 +520,9 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
         tune.with_parameters(tune_trainable, ctx=ctx, threads=max(1, int(cpu)), checkpoint_every=cfg.sweep.checkpoint_every,
                              checkpoint_min_s=cfg.sweep.checkpoint_min_s, gpu_fraction=resources["gpu"],
                              finished={t: done[t] for t in started_for & set(done)} if restore else None,
-                             plugins=registry.snapshot()),
+                             plugins=registry.snapshot(),
+                             points={s.trial_id: asdict(s) for s in specs} if cfg.sweep.pack != 1 or restore
+                             else None),
         resources)
     if restore:
         print(f"[sweep] resuming {exp_path}", file=sys.stderr)
@@ -527,7 +531,7 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
         if not cfg.sweep.storage and Path(exp_path).exists():
             shutil.rmtree(exp_path)  # a fresh experiment must not mix with an old one's trials
         _write_points(storage, points)
-        space = ({"pack": tune.grid_search([[asdict(s) for s in pk] for pk in packs])} if packs is not None else
+        space = ({"pack": tune.grid_search([[s.trial_id for s in pk] for pk in packs])} if packs is not None else
                  {"trial": tune.grid_search([asdict(s) for s in pending])})
         tuner = tune.Tuner(
             trainable,
@@ -540,7 +544,7 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None), verbose=1))
     from .console import SweepProgress, to_log
     progress = SweepProgress(log)
-    activate(log, ctx, tick=progress.tick)
+    activate(log, ctx, tick=progress.tick, specs={s.trial_id: s for s in specs})
     try:
         with to_log(out_dir / rundir.SWEEP_LOG), _state_period(len(pending)):
             results = tuner.fit()
@@ -554,7 +558,7 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
     extra = []
     for r in results:
         if "pack" in r.config:
-            extra += pack_rows_from_result(r, ctx, out_dir / rundir.MODELS, missing)
+            extra += pack_rows_from_result(r, ctx, out_dir / rundir.MODELS, missing, {s.trial_id: s for s in specs})
         elif TrialSpec(**r.config["trial"]).trial_id in missing:
             extra.append(row_from_result(r, ctx, out_dir / rundir.MODELS))
     return log.compact(extra)

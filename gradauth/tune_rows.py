@@ -22,12 +22,14 @@ from .trial import TrialContext, TrialSpec, base_row
 _ACTIVE: dict = {}
 
 
-def activate(log: SweepLog | None, ctx: TrialContext | None, on_search=None, tick=None) -> None:
+def activate(log: SweepLog | None, ctx: TrialContext | None, on_search=None, tick=None, specs=None) -> None:
     """`on_search(planner)`: called by the DriverSearcher whenever the search's state changed; `tick(force=False)`:
-    after every controller step (the console's progress line)."""
+    after every controller step (the console's progress line); `specs`: {trial_id: TrialSpec} of the grid points
+    a packed sweep's Tune configs name by id."""
     _ACTIVE.clear()
     if log is not None:
-        _ACTIVE.update(log=log, ctx=ctx, on_search=on_search, tick=tick or (lambda force=False: None))
+        _ACTIVE.update(log=log, ctx=ctx, on_search=on_search, tick=tick or (lambda force=False: None),
+                       specs=specs or {})
 
 
 def trial_ident(config: dict) -> tuple[str, str] | None:
@@ -96,10 +98,11 @@ def read_pack_checkpoint(checkpoint, only: set[str] | None = None) -> tuple[dict
     return pack, out
 
 
-def pack_rows_from_result(result, ctx: TrialContext, models_dir: Path, missing: set[str]) -> list[dict]:
+def pack_rows_from_result(result, ctx: TrialContext, models_dir: Path, missing: set[str],
+                          specs: dict) -> list[dict]:
     """Rows of a pack's points in `missing` (the callback did not see them: a restored experiment had finished
     them), from every checkpoint the pack kept; a point found in none gets an error row (`--resume` runs it)."""
-    specs = [TrialSpec(**d) for d in result.config["pack"]]
+    specs = [specs[tid] for tid in result.config["pack"] if tid in specs]
     want = {t.trial_id for t in specs} & missing
     rows: dict[str, dict] = {}
     for ckpt, _ in (result.best_checkpoints or []):
@@ -135,7 +138,7 @@ def _ident(trial) -> tuple[TrialSpec, tuple[str, str]] | None:
 def _pack_points(trial) -> list[str] | None:
     if "pack" not in trial.config:
         return None
-    return [TrialSpec(**d).trial_id for d in trial.config["pack"]]
+    return list(trial.config["pack"])
 
 
 class RowWriter(tune.Callback):
@@ -182,10 +185,9 @@ class RowWriter(tune.Callback):
     def _pack_end(self, trial, why) -> None:
         log, ctx = _ACTIVE["log"], _ACTIVE["ctx"]
         self._pack_running(trial, None)
-        for d in trial.config["pack"]:
-            t = TrialSpec(**d)
-            if t.trial_id not in log.rows:
-                log.finished(failed_row(ctx, t, why))
+        for tid in trial.config["pack"]:
+            if tid not in log.rows and tid in _ACTIVE["specs"]:
+                log.finished(failed_row(ctx, _ACTIVE["specs"][tid], why))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if _ACTIVE and _pack_points(trial) is not None:

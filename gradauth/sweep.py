@@ -9,6 +9,7 @@ with `Tuner.restore`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -115,7 +116,7 @@ def tune_trainable(config: dict, ctx: TrialContext, threads: int = 1, checkpoint
     _report(first | row | where | {"epoch": t.epochs, "row_complete": True}, model_bytes=data)
 
 
-PACK_FILE = "pack.json"     # in a pack's checkpoint: its finished points' rows, which of them are new, where it is
+PACK_FILE = "pack.json"     # in a pack's checkpoint: the rows of the points it brings, every point done, where it is
 PACK_REPORT_S = 0.5         # a pack reports its finished points at most this often (each report costs ~5 ms)
 
 
@@ -139,21 +140,24 @@ def _pack_trainable(config: dict, ctx: TrialContext, threads: int, checkpoint_ev
     """A pack: several grid points back to back in one Tune trial (`sweep.pack`), so Tune's per-trial cost (~0.5 s)
     is paid once per pack. Every report carries the points finished since the last one (rows in pack.json, models
     as models/<trial_id>.pt) in a checkpoint, at most every PACK_REPORT_S: the driver's callback writes each row as
-    it arrives. The checkpoint also records every point of the pack done so far, so a pack restarted from it (a
-    worker died, or `--resume`) skips them, and so does one whose points the driver already has (`finished`)."""
+    it arrives. The checkpoint also names (ids only) every point of the pack done so far, so a pack restarted from
+    it (a worker died, or `--resume`) skips them, and so does one whose points the driver already has (`finished`).
+    A checkpoint carries only its own batch's rows and models (every checkpoint is kept: `num_to_keep=None`), so a
+    report costs the same at the pack's first point and at its thousandth."""
     from ray import tune
-    specs = [TrialSpec(**points[tid]) for tid in config["pack"]]  # the config names them: Tune's state stays small
+    # the config names its points by id (Tune's experiment state stays small); an older experiment's, by value
+    specs = [TrialSpec(**(points[p] if isinstance(p, str) else p)) for p in config["pack"]]
     torch.set_num_threads(threads)
     device = pick_device()
     cap_gpu_memory(device, gpu_fraction)
-    done: dict[str, dict] = {}
+    done: dict[str, None] = {}  # the points done, in order (their rows went with earlier reports)
     state, state_point = None, None
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             if (Path(d) / PACK_FILE).is_file():
                 saved = json.loads((Path(d) / PACK_FILE).read_text())
-                done, state_point = dict(saved["done"]), saved.get("state_point")
+                done, state_point = dict.fromkeys(saved["done"]), saved.get("state_point")
             if state_point and (Path(d) / "state.pt").exists():
                 state = torch.load(Path(d) / "state.pt", map_location=device, weights_only=True)
     skip = set(done) | set(finished or ())
@@ -174,8 +178,12 @@ def _pack_trainable(config: dict, ctx: TrialContext, threads: int, checkpoint_ev
                     (Path(d) / "models" / f"{row['trial_id']}.pt").write_bytes(data)
             if point_state is not None:
                 torch.save(point_state, Path(d) / "state.pt")
+            # digests: the driver checks each model file against the sha256 of the bytes written here (~0.3 ms)
+            # instead of loading it (~10 ms of the driver's CPU per point); every reader of models/ loads and checks it
             (Path(d) / PACK_FILE).write_text(json.dumps({
-                "done": done, "batch": [r["trial_id"] for r, _ in batch], "next": next_point, "state_point": point}))
+                "done": list(done), "rows": {r["trial_id"]: r for r, _ in batch},
+                "digests": {r["trial_id"]: hashlib.sha256(data).hexdigest() for r, data in batch if data is not None},
+                "batch": [r["trial_id"] for r, _ in batch], "next": next_point, "state_point": point}))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
         batch.clear()
 
@@ -192,7 +200,7 @@ def _pack_trainable(config: dict, ctx: TrialContext, threads: int, checkpoint_ev
                 ckpt_last[0] = last[0] = time.monotonic()
 
         row, data = run_point(ctx, t, device, ds, state if t.trial_id == state_point else None, on_epoch)
-        done[t.trial_id] = row
+        done[t.trial_id] = None
         batch.append((row, data))
         nxt = todo[i + 1].trial_id if i + 1 < len(todo) else None
         if nxt is None or time.monotonic() - last[0] >= PACK_REPORT_S:
@@ -232,7 +240,8 @@ def pack_name(points: list[str]) -> str:
 
 def _trial_name(trial) -> str:
     if "pack" in trial.config:
-        return pack_name(list(trial.config["pack"]))
+        from .tune_rows import pack_ids
+        return pack_name(pack_ids(trial.config))
     if "phase" in trial.config:
         from .search import trial_name
         return trial_name(trial.config)
@@ -403,13 +412,17 @@ def point_seconds(rows: list[dict]) -> float | None:
 
 
 def pack_size(pack, pack_seconds: float, seconds: float | None, points: int, slots: int) -> int:
-    """Grid points per Tune trial: `pack` itself when a number; for auto, enough points of `seconds` each to run
-    ~pack_seconds, but no more than keeps every slot busy (points / slots), and 1 when nothing is measured."""
+    """Grid points per Tune trial: `pack` itself when a number; for auto, packs of at least ~pack_seconds (points of
+    `seconds` each) in a whole number of rounds of the slots, so every slot gets the same work and they finish
+    together (packs of 30, 30, 30, 10 on two slots leave one idle for two packs' worth at the end; two of 50 do
+    not); no more than points / slots, so every slot is busy; 1 when nothing is measured."""
     if pack != "auto":
         return max(1, int(pack))
     if not seconds:
         return 1
-    return max(1, min(math.ceil(pack_seconds / seconds), math.ceil(points / max(1, slots))))
+    slots = max(1, slots)
+    rounds = max(1, math.floor(points * seconds / (slots * pack_seconds)))  # packs per slot, each ≥ pack_seconds
+    return max(1, math.ceil(points / (slots * rounds)))
 
 
 def make_packs(specs: list[TrialSpec], size: int) -> list[list[TrialSpec]]:

@@ -453,6 +453,15 @@ def _probe(ctx: TrialContext, specs: list[TrialSpec], threads: int, gpu_fraction
     return out
 
 
+def probe_sample(pending: list, slots: int) -> list[list]:
+    """The points `pack: auto` times: PROBE_POINTS per probe task (one task per slot, as many as the points fill),
+    every (len / PROBE_POINTS·tasks)-th of the grid, so every part of it (each lock value) is in the sample."""
+    tasks = min(max(1, slots), math.ceil(len(pending) / PROBE_POINTS))
+    want = tasks * PROBE_POINTS
+    sample = pending[::max(1, len(pending) // want)][:want]
+    return [sample[i::tasks] for i in range(tasks)]
+
+
 def _probe_points(cfg: Config, ctx: TrialContext, pending: list[TrialSpec], resources: dict, slots: int,
                   log: SweepLog) -> list[dict]:
     """`pack: auto` with nothing measured yet: time PROBE_POINTS per slot (in parallel, as Ray tasks on a trial's
@@ -463,11 +472,8 @@ def _probe_points(cfg: Config, ctx: TrialContext, pending: list[TrialSpec], reso
     from .tune_rows import point_row
     probe = ray.remote(_probe).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"], max_retries=0)
     ctx_ref, plugins = ray.put(ctx), registry.snapshot()
-    tasks = min(slots, math.ceil(len(pending) / PROBE_POINTS))
-    want = tasks * PROBE_POINTS
-    sample = pending[::max(1, len(pending) // want)][:want]
-    refs = [probe.remote(ctx_ref, sample[i::tasks], max(1, int(resources["cpu"])), resources["gpu"], plugins, PROBE_S)
-            for i in range(tasks)]
+    refs = [probe.remote(ctx_ref, points, max(1, int(resources["cpu"])), resources["gpu"], plugins, PROBE_S)
+            for points in probe_sample(pending, slots)]
     timed = []
     for ref in refs:
         try:

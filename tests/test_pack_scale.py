@@ -99,3 +99,20 @@ def test_pack_configs_name_points_by_id_and_older_ones_by_value():
     assert pack_ids({"pack": [asdict(s) for s in specs]}) == ids  # an experiment started before, restored
     # the id-only config a Tune trial carries is what Tune's state and every result.json line repeat: ~3.5x smaller
     assert len(json.dumps({"pack": ids})) * 3 < len(json.dumps({"pack": [asdict(s) for s in specs]}))
+
+
+def test_auto_times_points_from_across_the_grid():
+    """The grid's first points share one lock value (in the scale bench, one that is never fine-tuned and 5x faster
+    than the rest): the probe draws its points evenly across the grid instead."""
+    from gradauth.bench import scale_config
+    from gradauth.sweep import PROBE_POINTS, probe_sample
+    from gradauth.trial import grid
+    specs = grid(scale_config(1000))
+    tasks = probe_sample(specs, 2)
+    assert len(tasks) == 2 and all(len(t) == PROBE_POINTS for t in tasks)
+    picked = [t for task in tasks for t in task]
+    assert len({t.trial_id for t in picked}) == 2 * PROBE_POINTS
+    assert len({t.lock_value for t in picked}) == 2 * PROBE_POINTS  # 8 of the 10 lock values, not one
+    assert {t.lock_value for t in tasks[0]} != {t.lock_value for t in tasks[1]}
+    assert [len(t) for t in probe_sample(specs[:5], 4)] == [3, 2]  # few points: fewer tasks, none empty
+    assert probe_sample(specs[:1], 8) == [[specs[0]]]

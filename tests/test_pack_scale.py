@@ -116,3 +116,27 @@ def test_auto_times_points_from_across_the_grid():
     assert {t.lock_value for t in tasks[0]} != {t.lock_value for t in tasks[1]}
     assert [len(t) for t in probe_sample(specs[:5], 4)] == [3, 2]  # few points: fewer tasks, none empty
     assert probe_sample(specs[:1], 8) == [[specs[0]]]
+
+
+def test_the_progress_line_reads_counts_kept_by_the_log(tmp_path):
+    """The console's sweep line runs after every Tune controller step: it reads counts the log keeps as states
+    change (no pass over 10,000 trials per step), and they always equal a count of the states."""
+    import io
+    from collections import Counter
+
+    from gradauth.console import SweepProgress
+    from gradauth.rows import SweepLog
+    kept = {"k0": {"trial_id": "k0", "status": "ok", "fine_acc": 0.7, "phase": "grid"}}
+    log = SweepLog(tmp_path, "x", [f"p{i}" for i in range(6)] + ["k0"], kept, fresh=False)
+    progress = SweepProgress(log, io.StringIO())
+    log.started("p0")
+    log.started("p1")
+    log.finished_many([({"trial_id": "p0", "status": "ok", "fine_acc": 0.9, "phase": "grid"}, b"m"),
+                       ({"trial_id": "p2", "status": "unlockable", "fine_acc": None, "phase": "grid"}, None)])
+    log.retrying("p1")
+    log.finished({"trial_id": "p3", "status": "error", "phase": "grid"})
+    log.compact([{"trial_id": "p4", "status": "ok", "fine_acc": 0.95, "phase": "grid"}])
+    assert {k: v for k, v in log.counts.items() if v} == dict(Counter(log.state.values()))
+    assert progress._counts() == (4, 0, 2, 1)  # k0, p0, p2, p4 finished; p1, p5 pending; p3 failed
+    assert progress.text().startswith("5/7 done (3 ok, 1 unlockable, 1 failed), 0 running, 2 pending")
+    assert progress.text().endswith("best fine-tuned 0.950")

@@ -378,7 +378,7 @@ def bench_search_pair(name: str, grid_cfg, targeted_cfg, work: Path, base_from: 
     what a cluster bills), wall time, and the levels each reaches against the targeted config's targets.
 
     With `dirs` = (grid run, targeted run): two finished output folders of `gradauth sweep` on the same base.pt are
-    measured instead of run (`--resume` of a finished sweep runs no trial); their wall times are not known here."""
+    measured instead of run, read only (nothing in them is written); their wall times are not known here."""
     from .pipeline import sweep_stage, train_stage
     from .schema import file_sha256
     from .select import select_levels
@@ -409,7 +409,7 @@ def bench_search_pair(name: str, grid_cfg, targeted_cfg, work: Path, base_from: 
     runs = {}
     for side, cfg, d in (("grid", grid_cfg, g_dir), ("targeted", targeted_cfg, t_dir)):
         t0 = time.perf_counter()
-        df = sweep_stage(cfg, d, resume=dirs is not None)
+        df = _finished_rows(cfg, d, side) if dirs is not None else sweep_stage(cfg, d)
         wall = None if dirs is not None else time.perf_counter() - t0
         entry = {"trials": int(len(df)), "trial_seconds": float(df["seconds"].fillna(0).sum()), "wall_s": wall,
                  "statuses": {str(k): int(v) for k, v in df["status"].value_counts().items()}}
@@ -431,13 +431,60 @@ def bench_search_pair(name: str, grid_cfg, targeted_cfg, work: Path, base_from: 
             got = [lv.get("fine_acc") if lv["status"] == "hit" else None for lv in summary["levels"]]
             entry["missed"] = {str(lv["level"]): lv.get("why") for lv in summary["levels"] if lv["status"] != "hit"}
             entry["sellable"] = [lv.get("sellable") for lv in summary["levels"]]
+            entry["hit_trial_seconds"] = _hit_seconds(df, summary["levels"])
         entry["levels"] = _reached(got, targets, tol)
         entry["all_within_tolerance"] = all(r["within_tolerance"] for r in entry["levels"])
         runs[side] = entry
+    gsec = max(runs["grid"]["trial_seconds"], 1e-9)
     out |= {"base_acc": base_acc, "targets": targets, "tolerance": tol, **runs,
-            "trial_seconds_ratio": runs["targeted"]["trial_seconds"] / max(runs["grid"]["trial_seconds"], 1e-9),
+            "trial_seconds_ratio": runs["targeted"]["trial_seconds"] / gsec,
+            # what even a search that guessed every level's lock and schedule at once would pay: the hit levels'
+            # own seed trials (a floor for the ratio above on this base)
+            "hit_trial_seconds_ratio": runs["targeted"]["hit_trial_seconds"] / gsec,
             "wall_ratio": None if dirs is not None else runs["targeted"]["wall_s"] / max(runs["grid"]["wall_s"], 1e-9)}
     return out
+
+
+def _finished_rows(cfg, d: Path, side: str):
+    """The rows of a finished sweep of `cfg` in folder `d`, read without writing anything there: its config must be
+    `cfg` (same hash), a grid must hold a row per grid point and seed, a targeted search must say it finished."""
+    from .schema import read_trials
+    from .status import read_search
+    from .trial import grid
+    fix = f"run `gradauth sweep {cfg.name}.yaml --out {d}` to the end first (or `--resume` it)"
+    try:
+        same = rundir.read_config(d).hash() == cfg.hash()
+    except GradauthError:
+        same = False
+    if not same:
+        raise GradauthError(f"bench search: {d} is not a sweep of sweeps/{cfg.name}.yaml as it is now "
+                            f"(its config.yaml differs or is missing): {fix}")
+    df = read_trials(d / rundir.TRIALS)
+    if side == "grid":
+        missing = len(grid(cfg)) - len(df)
+        if missing > 0:
+            raise GradauthError(f"bench search: {d} holds {len(df)} of the grid's {len(grid(cfg))} trials: {fix}")
+    else:
+        s = read_search(d)
+        if s is None or not s["summary"]["finished"]:
+            raise GradauthError(f"bench search: the targeted search in {d} has not finished: {fix}")
+    return df
+
+
+def _hit_seconds(df, levels: list[dict]) -> float:
+    """Trial-seconds of the rows that make the search's hit levels: each level's lock and schedule, every seed."""
+    import numpy as np
+    lv_rows = df[df["phase"] == "level"] if "phase" in df else df
+    total = 0.0
+    for lv in levels:
+        if lv.get("status") != "hit":
+            continue
+        e, lr, f, scope = lv["schedule"]
+        m = (np.isclose(lv_rows["lock_value"], lv["lock_value"]) & (lv_rows["ft_epochs"] == e)
+             & np.isclose(lv_rows["ft_lr"], lr) & np.isclose(lv_rows["ft_data_fraction"], f)
+             & (lv_rows["ft_scope"] == scope))
+        total += float(lv_rows.loc[m, "seconds"].fillna(0).sum())
+    return total
 
 
 def _rows_sha(d: Path) -> str | None:
@@ -447,27 +494,37 @@ def _rows_sha(d: Path) -> str | None:
     return ",".join(shas) or None
 
 
-def _search_dirs() -> dict[str, tuple[Path, Path]]:
-    """$GRADAUTH_BENCH_SEARCH_DIRS=NAME=GRID_DIR:TARGETED_DIR[,…]: pairs measured from finished runs."""
-    out = {}
-    for item in filter(None, (x.strip() for x in os.environ.get("GRADAUTH_BENCH_SEARCH_DIRS", "").split(","))):
-        name, _, rest = item.partition("=")
-        g, _, t = rest.partition(":")
-        if not (name and g and t):
-            raise GradauthError(f"GRADAUTH_BENCH_SEARCH_DIRS: {item!r} is not NAME=GRID_DIR:TARGETED_DIR")
-        out[name] = (Path(g), Path(t))
-    return out
+def _search_dirs(only: list[str] | None) -> dict[str, tuple[Path, Path]]:
+    """$GRADAUTH_BENCH_SEARCH_GRID and $GRADAUTH_BENCH_SEARCH_TARGETED (two finished output folders, any path): the
+    one pair $GRADAUTH_BENCH_ONLY names, measured from those runs instead of run."""
+    if os.environ.get("GRADAUTH_BENCH_SEARCH_DIRS"):
+        raise GradauthError("GRADAUTH_BENCH_SEARCH_DIRS is gone (a path could not hold ',' or ':'): set "
+                            "GRADAUTH_BENCH_SEARCH_GRID=DIR, GRADAUTH_BENCH_SEARCH_TARGETED=DIR and "
+                            "GRADAUTH_BENCH_ONLY=NAME instead")
+    g, t = (os.environ.get(f"GRADAUTH_BENCH_SEARCH_{k}", "") for k in ("GRID", "TARGETED"))
+    if not (g or t):
+        return {}
+    if not (g and t and only and len(only) == 1):
+        raise GradauthError("measuring a search pair from finished runs takes GRADAUTH_BENCH_SEARCH_GRID=DIR, "
+                            "GRADAUTH_BENCH_SEARCH_TARGETED=DIR and GRADAUTH_BENCH_ONLY=NAME (one pair), all three")
+    for d in (g, t):
+        if not Path(d).is_dir():
+            raise GradauthError(f"bench search: {d} is not a folder: give the --out folder of a finished sweep")
+    return {only[0]: (Path(g), Path(t))}
 
 
 def bench_search(out: Path, only: list[str] | None = None) -> dict:
     """`gradauth bench search`: grid vs targeted on the quickstart and the CIFAR-10 CPU config, side by side.
     $GRADAUTH_BENCH_ONLY=quickstart runs only the named pairs (the CIFAR pair takes long on a CPU);
-    $GRADAUTH_BENCH_SEARCH_DIRS=cifar10-cpu=GRID_DIR:TARGETED_DIR measures a pair from two finished sweeps on one
-    base (`gradauth sweep CONFIG --out DIR` each) instead of running them."""
+    $GRADAUTH_BENCH_SEARCH_GRID=DIR and $GRADAUTH_BENCH_SEARCH_TARGETED=DIR (with GRADAUTH_BENCH_ONLY naming the one
+    pair) measure it from two finished sweeps on one base (`gradauth sweep CONFIG --out DIR` each), read only."""
     from .config import load_config
     root = Path(__file__).resolve().parents[1]
-    only = only or [n for n in os.environ.get("GRADAUTH_BENCH_ONLY", "").split(",") if n.strip()] or None
-    dirs = _search_dirs()   # before minutes of measuring
+    only = only or [n.strip() for n in os.environ.get("GRADAUTH_BENCH_ONLY", "").split(",") if n.strip()] or None
+    if only and (unknown := [n for n in only if n not in {p[0] for p in SEARCH_PAIRS}]):
+        raise GradauthError(f"GRADAUTH_BENCH_ONLY: unknown pair(s) {', '.join(unknown)}: choose from "
+                            f"{', '.join(p[0] for p in SEARCH_PAIRS)}")
+    dirs = _search_dirs(only)   # before minutes of measuring
     result = {"bench": "search", "machine": machine(), "load_average_before": os.getloadavg(), "runs": {}}
     if only and out.is_file():
         # a partial run ($GRADAUTH_BENCH_ONLY) keeps the other pairs' entries of the file, each with its own commit,

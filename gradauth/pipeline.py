@@ -140,13 +140,8 @@ def select_stage(out: Path, **overrides):
     from .select import select_dir
     with run_lock(out, "select", create=False):
         if (out / rundir.CONFIG).is_file() or not (out / rundir.TRIALS).is_file():
-            cfg = read_config(out)
-            defaults = {k: v for k, v in vars(cfg.select).items() if v is not None} | {"experiment": cfg.name}
-            if cfg.search.mode == "targeted" and cfg.select.targets is None and (out / rundir.BASE_METRICS).is_file():
-                # the search's targets: the selector picks the level set nearest them (as the search hit them),
-                # not the lexicographic maximum, which may take another candidate a tolerance away
-                base_acc = float(rundir.read_base_info(out)["base_acc"])
-                defaults |= {"targets": cfg.search.resolve_targets(base_acc), "levels": cfg.search.levels}
+            from .select import config_defaults
+            defaults = config_defaults(read_config(out), out)
         else:
             print(f"[select] {out} has no config.yaml: built-in defaults (3 levels, min_gap 0.05, max_locked_acc "
                   f"1/num_classes + 0.1)", file=sys.stderr)

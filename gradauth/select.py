@@ -445,6 +445,18 @@ def format_table(selection: Selection) -> str:
     return "\n".join(lines)
 
 
+def config_defaults(cfg, out: str | os.PathLike) -> dict:
+    """What `gradauth select DIR` (and `gradauth status DIR`) select with when DIR holds a config: its select
+    section and name, and for a targeted search without explicit select.targets the search's targets (resolved
+    against DIR/base.json), so the selector picks the level set nearest them, as the search hit them, not the
+    lexicographic maximum, which may take another candidate a tolerance away."""
+    defaults = {k: v for k, v in vars(cfg.select).items() if v is not None} | {"experiment": cfg.name}
+    if cfg.search.mode == "targeted" and cfg.select.targets is None and (Path(out) / rundir.BASE_METRICS).is_file():
+        base_acc = float(rundir.read_base_info(Path(out))["base_acc"])
+        defaults |= {"targets": cfg.search.resolve_targets(base_acc), "levels": cfg.search.levels}
+    return defaults
+
+
 def select_dir(out_dir: str | os.PathLike, levels: int | None = None, min_gap: float | None = None,
                max_locked_acc: float | None = None, targets: list[float] | None = None,
                defaults: dict | None = None) -> Selection:
@@ -466,5 +478,5 @@ def select_dir(out_dir: str | os.PathLike, levels: int | None = None, min_gap: f
     return selection
 
 
-__all__ = ["TRIAL_COLUMNS", "Selection", "load_trials", "select_levels", "format_table", "select_dir",
+__all__ = ["TRIAL_COLUMNS", "Selection", "load_trials", "select_levels", "format_table", "select_dir", "config_defaults",
            "lock_label", "schedule_label", "thief_table", "thief_summary", "thief_label", "head_start"]

@@ -53,11 +53,9 @@ def sweep_status(out: Path) -> dict:
     counts["running"] = sum(s == "running" for s in live)
     counts["failed"] += sum(s == "failed" for s in live)  # a failure whose row had not been written yet
     counts["pending"] = max(0, total - len(have) - counts["running"] - sum(s == "failed" for s in live))
-    ok = rows[rows["status"] != "error"]
-    if "phase" in ok:
-        ok = ok[ok["phase"] != "thief"]  # a thief attack is no level candidate
+    ok = rows[rows["status"] != "error"]   # thief rows stay: the selector never takes one, and a level must beat them
     return {"experiment": cfg.name, "total": total, **counts, "by_status": by_status, "rows": ok,
-            "updated": progress.get("updated") if progress else None, "select": cfg.select}
+            "updated": progress.get("updated") if progress else None, "cfg": cfg}
 
 
 SEARCH_FILE = rundir.SEARCH
@@ -111,7 +109,7 @@ def search_lines(obj: dict) -> list[str]:
 def print_status(out: Path) -> None:
     import time
 
-    from .select import format_table, select_levels
+    from .select import config_defaults, format_table, select_levels
     s = sweep_status(out)
     search = read_search(out)
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(s["by_status"].items()))
@@ -122,10 +120,10 @@ def print_status(out: Path) -> None:
         print("\n".join(search_lines(search)))
     if s["rows"].empty:
         return
-    sel = s["select"]
+    d = config_defaults(s["cfg"], out)   # what `gradauth select DIR` would select with
     try:
-        selection = select_levels(s["rows"], levels=sel.levels, min_gap=sel.min_gap,
-                                  max_locked_acc=sel.max_locked_acc, targets=sel.targets)
+        selection = select_levels(s["rows"], levels=d.get("levels", 3), min_gap=d.get("min_gap", 0.05),
+                                  max_locked_acc=d.get("max_locked_acc"), targets=d.get("targets"))
         print(format_table(selection))
     except GradauthError as e:
         print(f"levels so far: none yet ({e})")

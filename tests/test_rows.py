@@ -243,4 +243,9 @@ def test_status_reads_every_committed_reference(name, capsys):
     out = ROOT / "results" / name
     n = len(pd.read_parquet(out / "trials.parquet"))
     assert main(["status", str(out)]) == 0
-    assert f"{name}: {n}/{n} trials done" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert f"{name}: {n}/{n} trials done" in text
+    # its level table is the committed levels.json (a targeted run: the set nearest the search's targets, thieves
+    # beaten), not another selection
+    for lv in json.loads((out / "levels.json").read_text())["levels"]:
+        assert f"{lv['fine_acc']:.3f} ± {lv['fine_acc_std']:.3f}" in text

@@ -260,10 +260,14 @@ def test_bench_search_compares_grid_and_targeted_on_one_base(tmp_path, tiny_cfg)
     dirs = (tmp_path / "grid", tmp_path / "targeted")
     try:
         r = bench_search_pair("tiny", grid, tgt, tmp_path)
-        # the same pair measured from the two finished sweeps (GRADAUTH_BENCH_SEARCH_DIRS): nothing runs again
-        again = bench_search_pair("tiny", grid, tgt, tmp_path / "unused", dirs=dirs)
     finally:
         ray.shutdown()
+    # the same pair measured from the two finished sweeps: nothing runs again, nothing in them is written
+    files = {f: f.stat().st_mtime_ns for d in dirs for f in d.rglob("*") if f.is_file()}
+    again = bench_search_pair("tiny", grid, tgt, tmp_path / "unused", dirs=dirs)
+    assert {f: f.stat().st_mtime_ns for d in dirs for f in d.rglob("*") if f.is_file()} == files
+    with pytest.raises(GradauthError, match="not a sweep of sweeps/"):
+        bench_search_pair("tiny", grid, grid, tmp_path / "unused", dirs=dirs[::-1])
     for side in ("grid", "targeted"):
         assert {k: again[side][k] for k in ("trials", "trial_seconds", "levels")} == {
             k: r[side][k] for k in ("trials", "trial_seconds", "levels")}
@@ -284,8 +288,37 @@ def test_bench_search_compares_grid_and_targeted_on_one_base(tmp_path, tiny_cfg)
         assert side["all_within_tolerance"] == all(
             lv["level"] is not None and abs(lv["level"] - lv["target"]) <= 0.03 + 1e-9 for lv in side["levels"])
     assert r["trial_seconds_ratio"] == pytest.approx(t["trial_seconds"] / g["trial_seconds"])
+    # the hit levels' own trials: part of what the search paid, and some of it when a level was hit
+    hits = [lv for lv in t["levels"] if lv["level"] is not None]
+    assert 0 <= t["hit_trial_seconds"] < t["trial_seconds"] and (t["hit_trial_seconds"] > 0) == bool(hits)
+    assert r["hit_trial_seconds_ratio"] == pytest.approx(t["hit_trial_seconds"] / g["trial_seconds"])
     assert json.loads((tmp_path / "grid" / "base.json").read_bytes()) == json.loads(
         (tmp_path / "targeted" / "base.json").read_bytes())
+
+
+def test_bench_search_takes_finished_run_folders_by_any_path(tmp_path, monkeypatch):
+    """The pair measured from finished runs is named by two variables holding one path each, so a path may hold ','
+    or ':'; half a request, several pairs, an unknown pair or the old combined variable is one line."""
+    from gradauth.bench import _search_dirs, bench_search
+    g, t = tmp_path / "grid,a:b", tmp_path / "t:x,y"
+    g.mkdir(), t.mkdir()
+    monkeypatch.setenv("GRADAUTH_BENCH_SEARCH_GRID", str(g))
+    monkeypatch.setenv("GRADAUTH_BENCH_SEARCH_TARGETED", str(t))
+    assert _search_dirs(["cifar10-cpu"]) == {"cifar10-cpu": (g, t)}
+    for only in (None, ["quickstart", "cifar10-cpu"]):
+        with pytest.raises(GradauthError, match="all three"):
+            _search_dirs(only)
+    monkeypatch.setenv("GRADAUTH_BENCH_SEARCH_TARGETED", str(tmp_path / "nowhere"))
+    with pytest.raises(GradauthError, match="is not a folder"):
+        _search_dirs(["cifar10-cpu"])
+    with pytest.raises(GradauthError, match="unknown pair"):
+        bench_search(tmp_path / "s.json", only=["cifar"])
+    monkeypatch.delenv("GRADAUTH_BENCH_SEARCH_GRID"), monkeypatch.delenv("GRADAUTH_BENCH_SEARCH_TARGETED")
+    assert _search_dirs(["quickstart"]) == {}
+    monkeypatch.setenv("GRADAUTH_BENCH_SEARCH_DIRS", f"cifar10-cpu={g}:{t}")
+    with pytest.raises(GradauthError, match="is gone"):
+        _search_dirs(["cifar10-cpu"])
+    assert not (tmp_path / "s.json").exists()
 
 
 def test_the_searcher_takes_a_curve_reported_as_json_text():

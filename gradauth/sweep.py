@@ -433,14 +433,22 @@ def make_packs(specs: list[TrialSpec], size: int) -> list[list[TrialSpec]]:
     return [specs[i:i + size] for i in range(0, len(specs), size)]
 
 
-PROBE_POINTS, PROBE_S = 4, 1.0  # pack: auto times 2 to this many points per slot, for about this long
+PROBE_POINTS, PROBE_S = 8, 1.0  # pack: auto times up to this many points per slot, for about this long
+
+
+def warm_points(rows: list[dict]) -> int:
+    """How many of a fresh worker's first points (run back to back) paid a warm-up rather than their own cost: the
+    first (the process: imports, allocator) and every one up to the first fine-tuned (`ok`) one (the first fine-tune
+    and compaction: autograd, torch.fx). A probe that began with unlockable points measured its first fine-tuned
+    point at 6 s for a 0.2 s point on a loaded machine, and packs 30x too small followed."""
+    first_ok = next((i for i, r in enumerate(rows) if r.get("status") == "ok"), None)
+    return max(1, first_ok + 1 if first_ok is not None else 1)
 
 
 def _probe(ctx: TrialContext, specs: list[TrialSpec], threads: int, gpu_fraction: float, plugins,
            budget_s: float) -> list[tuple[dict, bytes | None]]:
-    """A Ray task: the first grid points back to back on a trial's resources, at least two (a fresh worker's first
-    point pays its warm-up: seconds, not the point's own cost) and more until `budget_s` has passed; their rows
-    (and models) are kept like any other, so timing them wastes nothing."""
+    """A Ray task: grid points back to back on a trial's resources until at least one ran warm (`warm_points`) and
+    `budget_s` has passed; their rows (and models) are kept like any other, so timing them wastes nothing."""
     registry.restore(plugins)
     torch.set_num_threads(threads)
     device = pick_device()
@@ -448,7 +456,7 @@ def _probe(ctx: TrialContext, specs: list[TrialSpec], threads: int, gpu_fraction
     ds, out, t0 = _device_data(ctx, device), [], time.monotonic()
     for t in specs:
         out.append(run_point(ctx, t, device, ds))
-        if len(out) >= 2 and time.monotonic() - t0 >= budget_s:
+        if len(out) > warm_points([r for r, _ in out]) and time.monotonic() - t0 >= budget_s:
             break
     return out
 
@@ -466,8 +474,8 @@ def _probe_points(cfg: Config, ctx: TrialContext, pending: list[TrialSpec], reso
                   log: SweepLog) -> list[dict]:
     """`pack: auto` with nothing measured yet: time PROBE_POINTS per slot (in parallel, as Ray tasks on a trial's
     resources), drawn evenly across the grid: its first points share one lock value, which may be one that is never
-    fine-tuned (unlockable: 5x faster than the rest). Their rows go to the log as they come back. Returns the rows,
-    each task's first point left out where it ran more (its first point pays the warm-up)."""
+    fine-tuned (unlockable: 5x faster than the rest). Their rows go to the log as they come back. Returns the rows
+    that ran warm (`warm_points`), or where none did, every one but each task's first."""
     import ray
     from .tune_rows import point_row
     probe = ray.remote(_probe).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"], max_retries=0)
@@ -483,7 +491,8 @@ def _probe_points(cfg: Config, ctx: TrialContext, pending: list[TrialSpec], reso
                   "some are timed", file=sys.stderr)
             continue
         log.finished_many([(point_row(row), data) for row, data in got])
-        timed += [r for r, _ in (got[1:] if len(got) > 1 else got)]
+        rows = [r for r, _ in got]
+        timed += rows[warm_points(rows):] or rows[1:] or rows  # all warm-up: the later ones, else what there is
     return timed
 
 

@@ -112,31 +112,19 @@ def test_auto_times_points_from_across_the_grid():
     assert len(tasks) == 2 and all(len(t) == PROBE_POINTS for t in tasks)
     picked = [t for task in tasks for t in task]
     assert len({t.trial_id for t in picked}) == 2 * PROBE_POINTS
-    assert len({t.lock_value for t in picked}) == 2 * PROBE_POINTS  # 8 of the 10 lock values, not one
-    assert {t.lock_value for t in tasks[0]} != {t.lock_value for t in tasks[1]}
-    assert [len(t) for t in probe_sample(specs[:5], 4)] == [3, 2]  # few points: fewer tasks, none empty
+    assert {t.lock_value for t in picked} == {t.lock_value for t in specs}  # every lock value, not the first one
+    assert all(len({t.lock_value for t in task}) >= PROBE_POINTS // 2 for task in tasks)
+    assert [len(t) for t in probe_sample(specs[:5], 4)] == [5]  # few points: fewer tasks, none empty
+    assert [len(t) for t in probe_sample(specs[:20], 4)] == [7, 7, 6]
     assert probe_sample(specs[:1], 8) == [[specs[0]]]
 
 
-def test_the_progress_line_reads_counts_kept_by_the_log(tmp_path):
-    """The console's sweep line runs after every Tune controller step: it reads counts the log keeps as states
-    change (no pass over 10,000 trials per step), and they always equal a count of the states."""
-    import io
-    from collections import Counter
-
-    from gradauth.console import SweepProgress
-    from gradauth.rows import SweepLog
-    kept = {"k0": {"trial_id": "k0", "status": "ok", "fine_acc": 0.7, "phase": "grid"}}
-    log = SweepLog(tmp_path, "x", [f"p{i}" for i in range(6)] + ["k0"], kept, fresh=False)
-    progress = SweepProgress(log, io.StringIO())
-    log.started("p0")
-    log.started("p1")
-    log.finished_many([({"trial_id": "p0", "status": "ok", "fine_acc": 0.9, "phase": "grid"}, b"m"),
-                       ({"trial_id": "p2", "status": "unlockable", "fine_acc": None, "phase": "grid"}, None)])
-    log.retrying("p1")
-    log.finished({"trial_id": "p3", "status": "error", "phase": "grid"})
-    log.compact([{"trial_id": "p4", "status": "ok", "fine_acc": 0.95, "phase": "grid"}])
-    assert {k: v for k, v in log.counts.items() if v} == dict(Counter(log.state.values()))
-    assert progress._counts() == (4, 0, 2, 1)  # k0, p0, p2, p4 finished; p1, p5 pending; p3 failed
-    assert progress.text().startswith("5/7 done (3 ok, 1 unlockable, 1 failed), 0 running, 2 pending")
-    assert progress.text().endswith("best fine-tuned 0.950")
+def test_the_probe_times_only_points_that_ran_warm():
+    """A fresh worker's first point pays the process's warm-up, its first fine-tuned one the first fine-tune's
+    (autograd, torch.fx): neither is timed."""
+    from gradauth.sweep import warm_points
+    ok, unl = {"status": "ok"}, {"status": "unlockable"}
+    assert warm_points([ok, ok, ok]) == 1
+    assert warm_points([unl, unl, ok, ok]) == 3  # the third was the first fine-tune
+    assert warm_points([unl, unl]) == 1 and warm_points([]) == 1
+    assert warm_points([{"status": "error"}, ok]) == 2

@@ -192,21 +192,40 @@ def _tree(path: Path) -> tuple[int, int]:
     return size, files
 
 
-def _plain_worker(args) -> float:
-    """One plain-loop process of the baseline: its share of the sample back to back, one torch thread, no Ray;
-    returns the seconds of the loop alone (the process is started and warmed up beforehand)."""
-    ctx, specs = args
-    from .sweep import run_sequential
+def _plain_worker(args) -> tuple[float, float]:
+    """One plain-loop process of the baseline: its share of the sample back to back, one torch thread, no Ray, and
+    what a sweep must leave behind, as a sweep without Ray would write it: each fine-tuned point's model file
+    (checkpoint.save_model, the bytes the sweep's models/ get) and the rows as one Parquet file. Returns (seconds
+    of the loop, seconds of those writes within it); the process is started and warmed up beforehand."""
+    ctx, specs, out = args
+    from .checkpoint import save_model
+    from .rows import TRIALS_SCHEMA, write_trials
+    from .trial import run_trial
     torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    run_sequential(ctx, specs, torch.device("cpu"))
-    return time.perf_counter() - t0
+    device = torch.device("cpu")
+    out = Path(out) / f"plain-{os.getpid()}"
+    t0, writes = time.perf_counter(), 0.0
+    ds, rows = ctx.ds.to(device), []
+    for t in specs:
+        row, model, masks = run_trial(ctx, t, device, ds=ds)
+        w0 = time.perf_counter()
+        if model is not None:
+            save_model(out / f"{t.trial_id}.pt", model.cpu(), ctx.spec, masks)
+        rows.append({k: row.get(k) for k in TRIALS_SCHEMA.names} | {"phase": "grid"})
+        writes += time.perf_counter() - w0
+    w0 = time.perf_counter()
+    write_trials(rows, out / "trials.parquet")
+    total = time.perf_counter() - t0
+    return total, writes + time.perf_counter() - w0
 
 
-def _plain_parallel(pool, ctx, specs, slots: int) -> float:
-    """Seconds per trial of `specs` run by `slots` plain processes at once (the sweep's parallelism, no Ray)."""
+def _plain_parallel(pool, ctx, specs, slots: int, out: Path) -> tuple[float, float]:
+    """(seconds per trial, share of them spent writing models and rows) of `specs` run by `slots` plain processes
+    at once (the sweep's parallelism, no Ray): the slowest process's loop over the sample's size."""
     shares = [specs[i::slots] for i in range(slots)]
-    return max(pool.map(_plain_worker, [(ctx, sh) for sh in shares])) / len(specs)
+    got = pool.map(_plain_worker, [(ctx, sh, str(out)) for sh in shares])
+    slowest = max(got)
+    return slowest[0] / len(specs), slowest[1] / slowest[0]
 
 
 def bench_scale(ns: tuple[int, ...] = SCALE_N, sample: int = 200, pack=None) -> dict:
@@ -238,7 +257,7 @@ def bench_scale(ns: tuple[int, ...] = SCALE_N, sample: int = 200, pack=None) -> 
         slots = int(ray.cluster_resources().get("CPU", 1))
         # the baseline's processes: started (spawned: never a fork of a Ray driver) and warmed up before any timing
         pool = multiprocessing.get_context("spawn").Pool(slots)
-        _plain_parallel(pool, ctx, grid(cfg0)[:2 * slots], slots)
+        _plain_parallel(pool, ctx, grid(cfg0)[:2 * slots], slots, tmp / "warm")
         for n in ns:
             cfg = scale_config(n)
             cfg.sweep.max_concurrent = slots
@@ -247,14 +266,15 @@ def bench_scale(ns: tuple[int, ...] = SCALE_N, sample: int = 200, pack=None) -> 
             picked = specs[::max(1, n // sample)][:sample]
             out = tmp / f"n{n}"
             out.mkdir()
-            plain_before = _plain_parallel(pool, ctx, picked, slots)
+            plain_before, writes_before = _plain_parallel(pool, ctx, picked, slots, tmp / f"plain{n}-before")
             logs0 = _tree(_ray_logs())[0]
             io0, cpu0, t0, load0 = _proc_io(), time.process_time(), time.perf_counter(), os.getloadavg()
             df = run_sweep(cfg, ctx, out)
             wall, cpu, io1 = time.perf_counter() - t0, time.process_time() - cpu0, _proc_io()
             load1 = os.getloadavg()
-            plain_after = _plain_parallel(pool, ctx, picked, slots)
+            plain_after, writes_after = _plain_parallel(pool, ctx, picked, slots, tmp / f"plain{n}-after")
             plain = (plain_before + plain_after) / 2
+            writes = (writes_before + writes_after) / 2
             storage, storage_files = _tree(out / rundir.RAY)
             ray_logs = _tree(_ray_logs())[0] - logs0
             state = sum(p.stat().st_size for p in (out / rundir.RAY / rundir.EXPERIMENT).glob("experiment_state*.json"))
@@ -276,7 +296,9 @@ def bench_scale(ns: tuple[int, ...] = SCALE_N, sample: int = 200, pack=None) -> 
                 "status_counts": {k: counts[k] for k in ("done", "running", "pending", "failed")},
                 "resume_s_all_done": resume_s,
                 "plain_s_per_trial_before_after": [plain_before, plain_after], "plain_sample": len(picked),
+                "plain_writes_share": writes,
                 "ray_overhead_vs_plain": wall / n / plain - 1,
+                "ray_overhead_vs_plain_compute_only": wall / n / (plain * (1 - writes)) - 1,
                 "load_average_before_after": [load0, load1]}
             print(f"[bench] N={n}: {json.dumps(result['runs'][str(n)])}", file=sys.stderr)
         pool.close()
@@ -296,8 +318,11 @@ def bench_scale(ns: tuple[int, ...] = SCALE_N, sample: int = 200, pack=None) -> 
     result["notes"] = (
         f"{slots} trials at a time, one torch thread each; the sweep packs grid points into Tune trials (sweep.pack "
         f"= {pack}). plain: every (N/{sample})-th grid point, {slots} plain processes at once (no Ray, one thread "
-        "each), timed just before and just after each sweep. ray_overhead_vs_plain = the sweep's wall per trial "
+        "each), timed just before and just after each sweep; like the sweep, each plain process writes every "
+        "fine-tuned point's model file and its rows (Parquet): plain_writes_share is that part of its time. "
+        "ray_overhead_vs_plain = the sweep's wall per trial "
         "(Ray's start excluded, Tune's setup and the packs' sizing included) / plain's − 1; "
+        "ray_overhead_vs_plain_compute_only: against the plain loop less its writes (trials that leave nothing); "
         "marginal_ray_overhead_vs_plain: the same for the trials between the first and the last N (the fixed start "
         "cancels). On a shared, loaded machine both sides include everyone else's load: see load_average_*. "
         "driver_write_bytes: what reached the disk from the driver process (rows, models, Tune's experiment "

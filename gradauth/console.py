@@ -120,31 +120,20 @@ class SweepProgress:
 
     def _counts(self) -> tuple[int, int, int, int]:
         """(finished without error, running, pending, failed)."""
-        done = running = pending = failed = 0
-        for s in self.log.state.values():
-            if s == "running":
-                running += 1
-            elif s == "pending":
-                pending += 1
-            elif s == "failed":
-                failed += 1
-            else:
-                done += 1
-        return done, running, pending, failed
+        n = self.log.counts  # kept by the log as states change: no pass over every trial per controller step
+        running, pending, failed = n.get("running", 0), n.get("pending", 0), n.get("failed", 0)
+        return sum(n.values()) - running - pending - failed, running, pending, failed
 
     def _kinds(self) -> str:
         """ok, then the other finished states that occur (unlockable, degenerate), then failed: '8 ok, 2 unlockable,
         0 failed'."""
-        n: dict[str, int] = {}
-        for s in self.log.state.values():
-            n[s] = n.get(s, 0) + 1
+        n = self.log.counts
         kinds = [f"{n.get('ok', 0)} ok"] + [f"{n[k]} {k}" for k in ("unlockable", "degenerate") if n.get(k)]
         return ", ".join(kinds + [f"{n.get('failed', 0)} failed"])
 
     def _best(self) -> str:
-        accs = [r.get("fine_acc") for r in self.log.rows.values() if r.get("status") == "ok"]
-        accs = [a for a in accs if isinstance(a, float) and a == a]
-        return f", best fine-tuned {max(accs):.3f}" if accs else ""
+        best = self.log.best_ok
+        return f", best fine-tuned {best:.3f}" if best is not None else ""
 
     def text(self) -> str:
         done, running, pending, failed = self._counts()

@@ -100,6 +100,13 @@ class SweepLog:
         self.out, self.experiment = out, experiment
         self.rows: dict[str, dict] = dict(kept)
         self.state = {t: "pending" for t in trial_ids} | {t: FINISHED.get(r["status"], "failed") for t, r in kept.items()}
+        # kept as states change, so the console's progress line costs the same at 100 trials and at 10,000
+        self.counts: dict[str, int] = {}
+        for v in self.state.values():
+            self.counts[v] = self.counts.get(v, 0) + 1
+        self.best_ok: float | None = None  # the best fine_acc of an `ok` row so far
+        for r in kept.values():
+            self._best(r)
         # A 10,000-trial progress file is ~0.5 MB: rewrite it less often as the sweep grows.
         self.min_interval_s = min_interval_s if min_interval_s is not None else max(2.0, len(self.state) / 2000)
         self._last, self._dirty = 0.0, True
@@ -151,6 +158,7 @@ class SweepLog:
         write_trials([r for r, _ in new], part)
         for row, _ in new:
             self.rows[row["trial_id"]] = row
+            self._best(row)
         self._loose.append((part, [r["trial_id"] for r, _ in new]))
         if sum(len(ids) for _, ids in self._loose) >= CHUNK:
             self._chunk()
@@ -168,9 +176,24 @@ class SweepLog:
             part.unlink(missing_ok=True)
         self._loose = []
 
+    def _best(self, row: dict) -> None:
+        acc = row.get("fine_acc")
+        if row.get("status") == "ok" and isinstance(acc, float) and acc == acc and (
+                self.best_ok is None or acc > self.best_ok):
+            self.best_ok = acc
+
+    def _put(self, trial_id: str, state: str) -> bool:
+        old = self.state.get(trial_id)
+        if old == state:
+            return False
+        if old is not None:
+            self.counts[old] -= 1
+        self.counts[state] = self.counts.get(state, 0) + 1
+        self.state[trial_id] = state
+        return True
+
     def _set(self, trial_id: str, state: str) -> None:
-        if self.state.get(trial_id) != state:
-            self.state[trial_id] = state
+        if self._put(trial_id, state):
             self._dirty = True
         self.flush()
 
@@ -186,7 +209,8 @@ class SweepLog:
         """All rows → DIR/trials.parquet (atomic), then the parts go: the folder is gone only once the table is."""
         for r in extra:
             self.rows.setdefault(r["trial_id"], r)
-            self.state[r["trial_id"]] = FINISHED.get(r["status"], "failed")
+            self._best(self.rows[r["trial_id"]])
+            self._put(r["trial_id"], FINISHED.get(r["status"], "failed"))
         df = write_trials(list(self.rows.values()), self.out / rundir.TRIALS)
         self._dirty = True
         self.flush(force=True)

@@ -9,6 +9,7 @@ with `Tuner.restore`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -68,18 +69,20 @@ def cap_gpu_memory(device: torch.device, fraction: float) -> float | None:
 
 def tune_trainable(config: dict, ctx: TrialContext, threads: int = 1, checkpoint_every: int = 1,
                    checkpoint_min_s: float = 0.0, gpu_fraction: float = 0.0, finished: dict | None = None,
-                   plugins=None) -> None:
+                   plugins=None, points: dict | None = None) -> None:
     """The Ray Tune function trainable: restore, run the plain trial, report the row (and the model) at the end.
 
     `finished` holds the rows the driver already has on disk (a `--resume`): a trial among them (Tune's last
     snapshot missed its end) re-reports its row at once instead of training again. `plugins`: the driver's
-    registered models/datasets/criteria (registry.py), loaded once per worker before anything is built."""
+    registered models/datasets/criteria (registry.py), loaded once per worker before anything is built. `points`:
+    {trial_id: grid point} of a packed sweep, whose Tune configs name their points by id only."""
     from ray import tune
     registry.restore(plugins)
     if "phase" in config:
         return _search_trainable(config, ctx, threads, gpu_fraction, finished)
     if "pack" in config:
-        return _pack_trainable(config, ctx, threads, checkpoint_every, checkpoint_min_s, gpu_fraction, finished)
+        return _pack_trainable(config, ctx, threads, checkpoint_every, checkpoint_min_s, gpu_fraction, finished,
+                               points or {})
     t = TrialSpec(**config["trial"])
     if finished and t.trial_id in finished:
         tune.report(dict(finished[t.trial_id]) | {"epoch": t.epochs, "row_complete": True, "rereported": True})
@@ -113,8 +116,12 @@ def tune_trainable(config: dict, ctx: TrialContext, threads: int = 1, checkpoint
     _report(first | row | where | {"epoch": t.epochs, "row_complete": True}, model_bytes=data)
 
 
-PACK_FILE = "pack.json"     # in a pack's checkpoint: its finished points' rows, which of them are new, where it is
-PACK_REPORT_S = 0.5         # a pack reports its finished points at most this often (each report costs ~5 ms)
+PACK_FILE = "pack.json"     # in a pack's checkpoint: the rows of the points it brings, every point done, where it is
+# A pack reports its finished points at most this often. Tune's function API reports synchronously: the pack waits
+# for the driver to take each report (an actor round trip, Tune's result handling, the rows and models written) before
+# it goes on, ~10-30 ms on a busy 2-core machine: every 0.5 s that idled each slot 2-6 %, every 2 s under 1.5 %.
+# A driver killed between reports makes the pack redo at most this much work (its points have no row yet).
+PACK_REPORT_S = 2.0
 
 
 def run_point(ctx: TrialContext, t: TrialSpec, device: torch.device, ds, state: dict | None = None,
@@ -133,25 +140,28 @@ def run_point(ctx: TrialContext, t: TrialSpec, device: torch.device, ds, state: 
 
 
 def _pack_trainable(config: dict, ctx: TrialContext, threads: int, checkpoint_every: int, checkpoint_min_s: float,
-                    gpu_fraction: float, finished: dict | None) -> None:
+                    gpu_fraction: float, finished: dict | None, points: dict) -> None:
     """A pack: several grid points back to back in one Tune trial (`sweep.pack`), so Tune's per-trial cost (~0.5 s)
     is paid once per pack. Every report carries the points finished since the last one (rows in pack.json, models
     as models/<trial_id>.pt) in a checkpoint, at most every PACK_REPORT_S: the driver's callback writes each row as
-    it arrives. The checkpoint also records every point of the pack done so far, so a pack restarted from it (a
-    worker died, or `--resume`) skips them, and so does one whose points the driver already has (`finished`)."""
+    it arrives. The checkpoint also names (ids only) every point of the pack done so far, so a pack restarted from
+    it (a worker died, or `--resume`) skips them, and so does one whose points the driver already has (`finished`).
+    A checkpoint carries only its own batch's rows and models (every checkpoint is kept: `num_to_keep=None`), so a
+    report costs the same at the pack's first point and at its thousandth."""
     from ray import tune
-    specs = [TrialSpec(**d) for d in config["pack"]]
+    # the config names its points by id (Tune's experiment state stays small); an older experiment's, by value
+    specs = [TrialSpec(**(points[p] if isinstance(p, str) else p)) for p in config["pack"]]
     torch.set_num_threads(threads)
     device = pick_device()
     cap_gpu_memory(device, gpu_fraction)
-    done: dict[str, dict] = {}
+    done: dict[str, None] = {}  # the points done, in order (their rows went with earlier reports)
     state, state_point = None, None
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             if (Path(d) / PACK_FILE).is_file():
                 saved = json.loads((Path(d) / PACK_FILE).read_text())
-                done, state_point = dict(saved["done"]), saved.get("state_point")
+                done, state_point = dict.fromkeys(saved["done"]), saved.get("state_point")
             if state_point and (Path(d) / "state.pt").exists():
                 state = torch.load(Path(d) / "state.pt", map_location=device, weights_only=True)
     skip = set(done) | set(finished or ())
@@ -172,8 +182,12 @@ def _pack_trainable(config: dict, ctx: TrialContext, threads: int, checkpoint_ev
                     (Path(d) / "models" / f"{row['trial_id']}.pt").write_bytes(data)
             if point_state is not None:
                 torch.save(point_state, Path(d) / "state.pt")
+            # digests: the driver checks each model file against the sha256 of the bytes written here (~0.3 ms)
+            # instead of loading it (~10 ms of the driver's CPU per point); every reader of models/ loads and checks it
             (Path(d) / PACK_FILE).write_text(json.dumps({
-                "done": done, "batch": [r["trial_id"] for r, _ in batch], "next": next_point, "state_point": point}))
+                "done": list(done), "rows": {r["trial_id"]: r for r, _ in batch},
+                "digests": {r["trial_id"]: hashlib.sha256(data).hexdigest() for r, data in batch if data is not None},
+                "batch": [r["trial_id"] for r, _ in batch], "next": next_point, "state_point": point}))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
         batch.clear()
 
@@ -190,7 +204,7 @@ def _pack_trainable(config: dict, ctx: TrialContext, threads: int, checkpoint_ev
                 ckpt_last[0] = last[0] = time.monotonic()
 
         row, data = run_point(ctx, t, device, ds, state if t.trial_id == state_point else None, on_epoch)
-        done[t.trial_id] = row
+        done[t.trial_id] = None
         batch.append((row, data))
         nxt = todo[i + 1].trial_id if i + 1 < len(todo) else None
         if nxt is None or time.monotonic() - last[0] >= PACK_REPORT_S:
@@ -230,7 +244,8 @@ def pack_name(points: list[str]) -> str:
 
 def _trial_name(trial) -> str:
     if "pack" in trial.config:
-        return pack_name([TrialSpec(**d).trial_id for d in trial.config["pack"]])
+        from .tune_rows import pack_ids
+        return pack_name(pack_ids(trial.config))
     if "phase" in trial.config:
         from .search import trial_name
         return trial_name(trial.config)
@@ -401,27 +416,39 @@ def point_seconds(rows: list[dict]) -> float | None:
 
 
 def pack_size(pack, pack_seconds: float, seconds: float | None, points: int, slots: int) -> int:
-    """Grid points per Tune trial: `pack` itself when a number; for auto, enough points of `seconds` each to run
-    ~pack_seconds, but no more than keeps every slot busy (points / slots), and 1 when nothing is measured."""
+    """Grid points per Tune trial: `pack` itself when a number; for auto, packs of at least ~pack_seconds (points of
+    `seconds` each) in a whole number of rounds of the slots, so every slot gets the same work and they finish
+    together (packs of 30, 30, 30, 10 on two slots leave one idle for two packs' worth at the end; two of 50 do
+    not); no more than points / slots, so every slot is busy; 1 when nothing is measured."""
     if pack != "auto":
         return max(1, int(pack))
     if not seconds:
         return 1
-    return max(1, min(math.ceil(pack_seconds / seconds), math.ceil(points / max(1, slots))))
+    slots = max(1, slots)
+    rounds = max(1, math.floor(points * seconds / (slots * pack_seconds)))  # packs per slot, each ≥ pack_seconds
+    return max(1, math.ceil(points / (slots * rounds)))
 
 
 def make_packs(specs: list[TrialSpec], size: int) -> list[list[TrialSpec]]:
     return [specs[i:i + size] for i in range(0, len(specs), size)]
 
 
-PROBE_POINTS, PROBE_S = 4, 1.0  # pack: auto times 2 to this many points per slot, for about this long
+PROBE_POINTS, PROBE_S = 8, 1.0  # pack: auto times up to this many points per slot, for about this long
+
+
+def warm_points(rows: list[dict]) -> int:
+    """How many of a fresh worker's first points (run back to back) paid a warm-up rather than their own cost: the
+    first (the process: imports, allocator) and every one up to the first fine-tuned (`ok`) one (the first fine-tune
+    and compaction: autograd, torch.fx). A probe that began with unlockable points measured its first fine-tuned
+    point at 6 s for a 0.2 s point on a loaded machine, and packs 30x too small followed."""
+    first_ok = next((i for i, r in enumerate(rows) if r.get("status") == "ok"), None)
+    return max(1, first_ok + 1 if first_ok is not None else 1)
 
 
 def _probe(ctx: TrialContext, specs: list[TrialSpec], threads: int, gpu_fraction: float, plugins,
            budget_s: float) -> list[tuple[dict, bytes | None]]:
-    """A Ray task: the first grid points back to back on a trial's resources, at least two (a fresh worker's first
-    point pays its warm-up: seconds, not the point's own cost) and more until `budget_s` has passed; their rows
-    (and models) are kept like any other, so timing them wastes nothing."""
+    """A Ray task: grid points back to back on a trial's resources until at least one ran warm (`warm_points`) and
+    `budget_s` has passed; their rows (and models) are kept like any other, so timing them wastes nothing."""
     registry.restore(plugins)
     torch.set_num_threads(threads)
     device = pick_device()
@@ -429,23 +456,32 @@ def _probe(ctx: TrialContext, specs: list[TrialSpec], threads: int, gpu_fraction
     ds, out, t0 = _device_data(ctx, device), [], time.monotonic()
     for t in specs:
         out.append(run_point(ctx, t, device, ds))
-        if len(out) >= 2 and time.monotonic() - t0 >= budget_s:
+        if len(out) > warm_points([r for r, _ in out]) and time.monotonic() - t0 >= budget_s:
             break
     return out
 
 
+def probe_sample(pending: list, slots: int) -> list[list]:
+    """The points `pack: auto` times: PROBE_POINTS per probe task (one task per slot, as many as the points fill),
+    every (len / PROBE_POINTS·tasks)-th of the grid, so every part of it (each lock value) is in the sample."""
+    tasks = min(max(1, slots), math.ceil(len(pending) / PROBE_POINTS))
+    want = tasks * PROBE_POINTS
+    sample = pending[::max(1, len(pending) // want)][:want]
+    return [sample[i::tasks] for i in range(tasks)]
+
+
 def _probe_points(cfg: Config, ctx: TrialContext, pending: list[TrialSpec], resources: dict, slots: int,
                   log: SweepLog) -> list[dict]:
-    """`pack: auto` with nothing measured yet: time the first points (PROBE_POINTS per slot, in parallel, as Ray
-    tasks on a trial's resources); their rows go to the log as they come back. Returns the rows, each task's first
-    point left out where it ran more (its first point pays the warm-up)."""
+    """`pack: auto` with nothing measured yet: time PROBE_POINTS per slot (in parallel, as Ray tasks on a trial's
+    resources), drawn evenly across the grid: its first points share one lock value, which may be one that is never
+    fine-tuned (unlockable: 5x faster than the rest). Their rows go to the log as they come back. Returns the rows
+    that ran warm (`warm_points`), or where none did, every one but each task's first."""
     import ray
     from .tune_rows import point_row
     probe = ray.remote(_probe).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"], max_retries=0)
     ctx_ref, plugins = ray.put(ctx), registry.snapshot()
-    refs = [probe.remote(ctx_ref, pending[i * PROBE_POINTS:(i + 1) * PROBE_POINTS], max(1, int(resources["cpu"])),
-                         resources["gpu"], plugins, PROBE_S)
-            for i in range(min(slots, math.ceil(len(pending) / PROBE_POINTS)))]
+    refs = [probe.remote(ctx_ref, points, max(1, int(resources["cpu"])), resources["gpu"], plugins, PROBE_S)
+            for points in probe_sample(pending, slots)]
     timed = []
     for ref in refs:
         try:
@@ -455,7 +491,8 @@ def _probe_points(cfg: Config, ctx: TrialContext, pending: list[TrialSpec], reso
                   "some are timed", file=sys.stderr)
             continue
         log.finished_many([(point_row(row), data) for row, data in got])
-        timed += [r for r, _ in (got[1:] if len(got) > 1 else got)]
+        rows = [r for r, _ in got]
+        timed += rows[warm_points(rows):] or rows[1:] or rows  # all warm-up: the later ones, else what there is
     return timed
 
 
@@ -518,7 +555,9 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
         tune.with_parameters(tune_trainable, ctx=ctx, threads=max(1, int(cpu)), checkpoint_every=cfg.sweep.checkpoint_every,
                              checkpoint_min_s=cfg.sweep.checkpoint_min_s, gpu_fraction=resources["gpu"],
                              finished={t: done[t] for t in started_for & set(done)} if restore else None,
-                             plugins=registry.snapshot()),
+                             plugins=registry.snapshot(),
+                             points={s.trial_id: asdict(s) for s in specs} if cfg.sweep.pack != 1 or restore
+                             else None),
         resources)
     if restore:
         print(f"[sweep] resuming {exp_path}", file=sys.stderr)
@@ -527,7 +566,7 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
         if not cfg.sweep.storage and Path(exp_path).exists():
             shutil.rmtree(exp_path)  # a fresh experiment must not mix with an old one's trials
         _write_points(storage, points)
-        space = ({"pack": tune.grid_search([[asdict(s) for s in pk] for pk in packs])} if packs is not None else
+        space = ({"pack": tune.grid_search([[s.trial_id for s in pk] for pk in packs])} if packs is not None else
                  {"trial": tune.grid_search([asdict(s) for s in pending])})
         tuner = tune.Tuner(
             trainable,
@@ -540,7 +579,7 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=None), verbose=1))
     from .console import SweepProgress, to_log
     progress = SweepProgress(log)
-    activate(log, ctx, tick=progress.tick)
+    activate(log, ctx, tick=progress.tick, specs={s.trial_id: s for s in specs})
     try:
         with to_log(out_dir / rundir.SWEEP_LOG), _state_period(len(pending)):
             results = tuner.fit()
@@ -554,7 +593,7 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
     extra = []
     for r in results:
         if "pack" in r.config:
-            extra += pack_rows_from_result(r, ctx, out_dir / rundir.MODELS, missing)
+            extra += pack_rows_from_result(r, ctx, out_dir / rundir.MODELS, missing, {s.trial_id: s for s in specs})
         elif TrialSpec(**r.config["trial"]).trial_id in missing:
             extra.append(row_from_result(r, ctx, out_dir / rundir.MODELS))
     return log.compact(extra)

@@ -22,12 +22,14 @@ from .trial import TrialContext, TrialSpec, base_row
 _ACTIVE: dict = {}
 
 
-def activate(log: SweepLog | None, ctx: TrialContext | None, on_search=None, tick=None) -> None:
+def activate(log: SweepLog | None, ctx: TrialContext | None, on_search=None, tick=None, specs=None) -> None:
     """`on_search(planner)`: called by the DriverSearcher whenever the search's state changed; `tick(force=False)`:
-    after every controller step (the console's progress line)."""
+    after every controller step (the console's progress line); `specs`: {trial_id: TrialSpec} of the grid points
+    a packed sweep's Tune configs name by id."""
     _ACTIVE.clear()
     if log is not None:
-        _ACTIVE.update(log=log, ctx=ctx, on_search=on_search, tick=tick or (lambda force=False: None))
+        _ACTIVE.update(log=log, ctx=ctx, on_search=on_search, tick=tick or (lambda force=False: None),
+                       specs=specs or {})
 
 
 def trial_ident(config: dict) -> tuple[str, str] | None:
@@ -74,32 +76,42 @@ PACK_FILE = "pack.json"  # sweep.PACK_FILE (not imported: sweep imports torch)
 
 
 def read_pack_checkpoint(checkpoint, only: set[str] | None = None) -> tuple[dict, list[tuple[dict, bytes | None]]]:
-    """(pack.json, [(row, model bytes)] of its new points, or of `only` among every point it records) from a pack's
+    """(pack.json, [(row, model bytes)] of the points it brings, or of those among them in `only`) from a pack's
     checkpoint; a model is refused unless it is a plain gradauth model file."""
+    import hashlib
     import json
     with checkpoint.as_directory() as d:
         d = Path(d)
         if not (d / PACK_FILE).is_file():
             return {}, []
         pack = json.loads((d / PACK_FILE).read_text())
-        ids = (pack.get("batch") or []) if only is None else [t for t in pack.get("done", {}) if t in only]
+        # "rows": this report's points; an older pack's checkpoint held every done point's row under "done"
+        rows = pack["rows"] if isinstance(pack.get("rows"), dict) else pack.get("done") or {}
+        ids = [t for t in (pack.get("batch") or []) if t in rows] if only is None else [t for t in rows if t in only]
         out = []
+        digests = pack.get("digests") if isinstance(pack.get("digests"), dict) else {}
         for tid in ids:
-            row, data = point_row(pack["done"][tid]), None
+            row, data = point_row(rows[tid]), None
             if row["status"] == "ok":
                 f = d / "models" / f"{tid}.pt"
                 if not f.is_file():
                     continue  # its model is in another of the pack's checkpoints
                 data = f.read_bytes()
-                from_bytes(data, f"checkpoint of {tid}")
+                if tid in digests:  # the bytes the worker wrote (its to_bytes): checked, not loaded
+                    if hashlib.sha256(data).hexdigest() != digests[tid]:
+                        raise GradauthError(f"checkpoint of {tid}: its model file is not the one its pack wrote "
+                                            "(sha256 differs): --resume runs that grid point again")
+                else:
+                    from_bytes(data, f"checkpoint of {tid}")
             out.append((row, data))
     return pack, out
 
 
-def pack_rows_from_result(result, ctx: TrialContext, models_dir: Path, missing: set[str]) -> list[dict]:
+def pack_rows_from_result(result, ctx: TrialContext, models_dir: Path, missing: set[str],
+                          specs: dict) -> list[dict]:
     """Rows of a pack's points in `missing` (the callback did not see them: a restored experiment had finished
     them), from every checkpoint the pack kept; a point found in none gets an error row (`--resume` runs it)."""
-    specs = [TrialSpec(**d) for d in result.config["pack"]]
+    specs = [specs[tid] for tid in pack_ids(result.config) if tid in specs]
     want = {t.trial_id for t in specs} & missing
     rows: dict[str, dict] = {}
     for ckpt, _ in (result.best_checkpoints or []):
@@ -132,10 +144,16 @@ def _ident(trial) -> tuple[TrialSpec, tuple[str, str]] | None:
     return None if ident is None else (TrialSpec(**trial.config["trial"]), ident)
 
 
+def pack_ids(config: dict) -> list[str]:
+    """The grid points a pack's Tune config names: trial ids (an experiment started before packs named their points
+    by id carries whole points: their ids)."""
+    return [p if isinstance(p, str) else TrialSpec(**p).trial_id for p in config["pack"]]
+
+
 def _pack_points(trial) -> list[str] | None:
     if "pack" not in trial.config:
         return None
-    return [TrialSpec(**d).trial_id for d in trial.config["pack"]]
+    return pack_ids(trial.config)
 
 
 class RowWriter(tune.Callback):
@@ -182,10 +200,9 @@ class RowWriter(tune.Callback):
     def _pack_end(self, trial, why) -> None:
         log, ctx = _ACTIVE["log"], _ACTIVE["ctx"]
         self._pack_running(trial, None)
-        for d in trial.config["pack"]:
-            t = TrialSpec(**d)
-            if t.trial_id not in log.rows:
-                log.finished(failed_row(ctx, t, why))
+        for tid in pack_ids(trial.config):
+            if tid not in log.rows and tid in _ACTIVE["specs"]:
+                log.finished(failed_row(ctx, _ACTIVE["specs"][tid], why))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if _ACTIVE and _pack_points(trial) is not None:

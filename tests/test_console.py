@@ -51,9 +51,19 @@ def test_epoch_line_has_loss_and_eta():
     assert lines[-1].startswith("[train] epoch 4/4 loss 0.2500 ETA 0 s")
 
 
-class _Log:  # what SweepProgress reads of rows.SweepLog: its states and rows
+class _Log:  # what SweepProgress reads of rows.SweepLog: its states and rows, the counts and best it keeps
     def __init__(self, state, rows):
         self.state, self.rows = state, rows
+
+    @property
+    def counts(self):
+        from collections import Counter
+        return Counter(self.state.values())
+
+    @property
+    def best_ok(self):
+        accs = [r["fine_acc"] for r in self.rows.values() if r["status"] == "ok" and r["fine_acc"] == r["fine_acc"]]
+        return max(accs) if accs else None
 
 
 def test_sweep_line_counts_states_and_best_so_far():

@@ -92,6 +92,18 @@ def test_a_packed_sweep_writes_the_same_rows_as_an_unpacked_one(half_base, tmp_p
             trials = [p.name for p in (out / "ray" / "sweep").iterdir() if p.is_dir()]
             if pack == 4:
                 assert sorted(n[:5] for n in trials) == ["pack1", "pack4", "pack4"]  # 9 points: 4 + 4 + 1
+                # Tune's config names the points by id; each checkpoint holds its own batch's rows, the rest by id
+                exp = out / "ray" / "sweep"
+                for name in trials:
+                    cfg_pack = json.loads((exp / name / "params.json").read_text())["pack"]
+                    assert all(isinstance(p, str) for p in cfg_pack) and pack_name(cfg_pack) == name
+                    seen = []
+                    for ck in sorted((exp / name).glob("checkpoint_*/pack.json")):
+                        pj = json.loads(ck.read_text())
+                        assert sorted(pj["rows"]) == sorted(pj["batch"]) and pj["done"][-len(pj["batch"]):] == pj["batch"]
+                        assert set(pj["digests"]) <= set(pj["batch"])
+                        seen += pj["batch"]
+                    assert sorted(seen) == sorted(cfg_pack)  # every point's row in exactly one checkpoint
     finally:
         ray.shutdown()
     ref = got[1]

@@ -70,7 +70,7 @@ def test_cifar_nnapps_config_shares_the_committed_cifar_base():
     base = json.loads((ROOT / "results" / "cifar10-cpu-targeted" / "base.json").read_text())
     assert cfg.base_hash() == base["base_hash"]
     assert cfg.lock.granularity == "synapse" and cfg.lock.values == [0.5]
-    assert [i.name for i in cfg.importance] == ["slice"]
+    assert [i.name for i in cfg.importance] == ["slice", "weight", "random"]
 
 
 @pytest.mark.parametrize("section", ["detect", "simplify"])

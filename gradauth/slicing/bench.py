@@ -201,13 +201,13 @@ def _one(arch: str, theta: float, prof, images, ray_on: bool) -> dict:
     return row
 
 
-SYNAPSE_ROWS = (("resnet10", 0.0, 32), ("resnet18", 0.0, 16), ("resnet10", 0.3, 2))  # (arch, θ, samples)
+SYNAPSE_ROWS = (("resnet10", 0.0, 32), ("resnet18", 0.0, 16), ("resnet10", 0.3, 8))  # (arch, θ, samples)
 
 
 def _synapse_one(arch: str, theta: float, n: int, prof, images) -> dict:
     """Synapse-level slicing (per-weight counts of every Conv2d / Linear, synapse.py) against the neuron-level slice
-    of the same inputs in the same process: seconds per sample of each, best of REPEATS interleaved (θ > 0: one run;
-    its per-weight θ filter is the torch one, not the compiled kernel)."""
+    of the same inputs in the same process: seconds per sample of each, best of REPEATS interleaved (θ > 0: the
+    compiled kernel's synapse mode where it builds, kernel.conv_theta_synapses; else the torch filter)."""
     from .synapse import synapse_partial
     load = os.getloadavg()
     model = _model(arch, prof)
@@ -217,7 +217,7 @@ def _synapse_one(arch: str, theta: float, n: int, prof, images) -> dict:
     synapse_partial(None, None, x[:1], theta, batch=b, plan=plan, means=means)  # warm-up
     best = {"neuron_level": float("inf"), "synapse_level": float("inf")}
     syn = None
-    for _ in range(REPEATS if theta == 0 else 1):
+    for _ in range(REPEATS if theta == 0 or kernel.available() else 1):
         t0 = time.perf_counter()
         slice_partial(None, None, x, theta, batch=b, plan=plan, means=means)
         best["neuron_level"] = min(best["neuron_level"], time.perf_counter() - t0)

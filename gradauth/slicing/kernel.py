@@ -99,29 +99,40 @@ int32_t compact(const int32_t* __restrict bin, int64_t K, int32_t blo, int32_t s
 
 // Scratch of one thread, reused by every neuron it handles.
 struct Scratch {
-  std::vector<float> acc, xp, accp, a32;
-  std::vector<double> a64;
+  std::vector<float> acc, xp, accp, a32, sx;
+  std::vector<double> a64, ws, wc;  // synapse mode: per weight, Σ g·sign(w)·sign(Δx)·keep and its |·|
   std::vector<int64_t> pidx, amb;
   std::vector<int32_t> bin, ord;
   std::vector<Cand> cand;
   double h[2 * NB], h1[2 * NB];  // mass of |p| per bin and sign ([2b]: p > 0, [2b + 1]: p < 0), two halves
   int32_t cs[NB + 2], cfill[NB + 1];
-  void init(int64_t K, int64_t acc_size) {
+  void init(int64_t K, int64_t acc_size, int64_t weights = 0) {
     acc.assign((size_t)acc_size, 0.f);
+    ws.assign((size_t)weights, 0.0); wc.assign((size_t)weights, 0.0); sx.resize(K);
     xp.resize(K); accp.resize(K); a32.resize(K); a64.resize(K); pidx.resize(K); bin.resize(K); ord.resize(K + 8);
   }
 };
 
 enum Outcome { DROPPED, CUT, AMBIGUOUS };
 
+// Synapse mode's sink for one neuron: its weight row's two sums and sign(Δx) of the window (0 outside the map).
+struct Syn { double* ws; double* wc; const float* sx; };
+
+// One kept input k of a neuron with weights wr, in synapse mode: sign(CONTRIB·Δy)·sign(w)·sign(Δx) into the weight.
+inline void syn_add(const Syn& o, const float* wr, float gv, int64_t k, float keep) {
+  const float v = gv * sgn(wr[k]) * o.sx[k] * keep;
+  o.ws[k] += (double)v;
+  o.wc[k] += (double)std::fabs(v);
+}
+
 // The θ filter of one neuron with weights wr over the window xp (K inputs), t = θ·|y| > 0: on CUT, adds
-// gv·sign(w) of every kept input to accp. T is the precision of the pass that bins |p|: float (8 lanes; the
+// gv·sign(w) of every kept input to accp (SYN: gv·sign(w)·sign(Δx) of every kept input to its weight's sums). T is the precision of the pass that bins |p|: float (8 lanes; the
 // products are rounded, which the margin covers) or double (products exact). Either way the cut itself is found
 // among candidates compared by their exact float64 products; a comparison that the margin cannot decide makes
 // the neuron AMBIGUOUS.
-template <class T>
+template <class T, bool SYN = false>
 Outcome neuron(Scratch& S, const float* wr, const float* xp, float gv, double t, T bound,
-               int64_t K, float* accp) {
+               int64_t K, float* accp, Syn so = {nullptr, nullptr, nullptr}) {
   T* a = nullptr;
   if constexpr (std::is_same<T, float>::value) a = S.a32.data(); else a = S.a64.data();
   int32_t* bin = S.bin.data();
@@ -219,6 +230,12 @@ Outcome neuron(Scratch& S, const float* wr, const float* xp, float gv, double t,
       if (as >= t + M) {
         // kept: every input after the cut in (|p|, index) order: all later bins, and this bin's tail
         const int32_t cb = 2 * b + 1;
+        if constexpr (SYN) {
+#pragma omp simd
+          for (int64_t k = 0; k < K; ++k) syn_add(so, wr, gv, k, (float)(bin[k] > cb));
+          for (; r < r1; ++r) syn_add(so, wr, gv, cand[r].k, 1.f);
+          return CUT;
+        }
 #pragma omp simd
         for (int64_t k = 0; k < K; ++k) accp[k] += gv * sgn(wr[k]) * (float)(bin[k] > cb);
         for (; r < r1; ++r) accp[cand[r].k] += gv * sgn(wr[cand[r].k]);
@@ -239,7 +256,11 @@ Outcome neuron(Scratch& S, const float* wr, const float* xp, float gv, double t,
 // neuron see `neuron` (a float32 pass first, unless float_pass is false; the rare neuron it cannot decide, again
 // with exact float64 products);
 // the window's contributions are scattered into the input map once per position.
-std::vector<torch::Tensor> conv_theta(torch::Tensor dx, torch::Tensor wt, torch::Tensor y, torch::Tensor g,
+//
+// SYN (conv_theta_synapses): instead of acc, per weight w[co, k] the sums Σ g·sign(w)·sign(Δx)·keep (signed) and
+// Σ |g·sign(w)·sign(Δx)|·keep (count) over the neurons that use it: {signed, count (Cout × K, float64), ambiguous}.
+template <bool SYN>
+std::vector<torch::Tensor> conv_theta_impl(torch::Tensor dx, torch::Tensor wt, torch::Tensor y, torch::Tensor g,
                                       int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
                                       int64_t groups, double theta, bool float_pass) {
   dx = dx.contiguous(); wt = wt.contiguous(); y = y.contiguous(); g = g.contiguous();
@@ -280,26 +301,36 @@ std::vector<torch::Tensor> conv_theta(torch::Tensor dx, torch::Tensor wt, torch:
           }
         }
       std::fill(accp, accp + K, 0.f);
+      if constexpr (SYN)
+        for (int64_t k = 0; k < K; ++k) S.sx[k] = sgn(xp[k]);
       bool touched = false;
       for (int64_t co = co0; co < co0 + per_out; ++co) {
         const float gv = Gn[co * HWo];
         if (gv == 0.f) continue;
         const int64_t o = (n * Cout + co) * HWo + at;
         const float* wr = Wp + co * K;
+        const Syn so = SYN ? Syn{S.ws.data() + co * K, S.wc.data() + co * K, S.sx.data()}
+                           : Syn{nullptr, nullptr, nullptr};
         const double t = theta * std::fabs((double)Y[o]);
         if (t == 0) {  // y = 0: nothing is below 0, every input is kept
+          if constexpr (SYN) {
 #pragma omp simd
-          for (int64_t k = 0; k < K; ++k) accp[k] += gv * sgn(wr[k]);
+            for (int64_t k = 0; k < K; ++k) syn_add(so, wr, gv, k, 1.f);
+          } else {
+#pragma omp simd
+            for (int64_t k = 0; k < K; ++k) accp[k] += gv * sgn(wr[k]);
+          }
           touched = true;
           continue;
         }
         // bounds on every |p|: rounding is monotone, so fl(|w|·|x|) <= fl(max|w|·max|x|); exact in float64
-        Outcome out = float_pass ? neuron<float>(S, wr, xp, gv, t, wmax[co] * xmax, K, accp) : AMBIGUOUS;
-        if (out == AMBIGUOUS) out = neuron<double>(S, wr, xp, gv, t, (double)wmax[co] * (double)xmax, K, accp);
+        Outcome out = float_pass ? neuron<float, SYN>(S, wr, xp, gv, t, wmax[co] * xmax, K, accp, so) : AMBIGUOUS;
+        if (out == AMBIGUOUS)
+          out = neuron<double, SYN>(S, wr, xp, gv, t, (double)wmax[co] * (double)xmax, K, accp, so);
         if (out == AMBIGUOUS) S.amb.push_back(o);
         touched |= out == CUT;
       }
-      if (!touched) continue;
+      if (SYN || !touched) continue;
       float* ac = S.acc.data() + n * plane;
       for (int64_t k = 0; k < K; ++k) if (pidx[k] >= 0) ac[pidx[k]] += accp[k];
     }
@@ -312,29 +343,42 @@ std::vector<torch::Tensor> conv_theta(torch::Tensor dx, torch::Tensor wt, torch:
   std::atomic<int64_t> next{0};
   const int64_t chunk = std::max<int64_t>(1, total / (16 * nt));
   auto worker = [&](int tid) {
-    scr[tid].init(K, N * plane);
+    scr[tid].init(K, SYN ? 0 : N * plane, SYN ? Cout * K : 0);
     for (int64_t b; (b = next.fetch_add(chunk)) < total;) run(scr[tid], b, std::min(b + chunk, total));
   };
   std::vector<std::thread> pool;
   for (int tid = 1; tid < nt; ++tid) pool.emplace_back(worker, tid);
   worker(0);
   for (auto& th : pool) th.join();
+  std::vector<int64_t> all;
+  for (auto& s : scr) all.insert(all.end(), s.amb.begin(), s.amb.end());
+  std::sort(all.begin(), all.end());
+  if constexpr (SYN) {
+    auto sig = torch::zeros({Cout, K}, dx.options().dtype(torch::kFloat64));
+    auto cnt = torch::zeros({Cout, K}, dx.options().dtype(torch::kFloat64));
+    double* Sg = sig.data_ptr<double>(); double* Ct = cnt.data_ptr<double>();
+    for (auto& s : scr)
+      for (int64_t k = 0; k < Cout * K; ++k) { Sg[k] += s.ws[k]; Ct[k] += s.wc[k]; }
+    return {sig, cnt, torch::tensor(all, torch::kInt64)};
+  }
   auto out = torch::zeros({N, Cin, H, W}, dx.options());
   float* O = out.data_ptr<float>();
-  std::vector<int64_t> all;
-  for (auto& s : scr) {
+  for (auto& s : scr)
     for (int64_t k = 0; k < N * plane; ++k) O[k] += s.acc[k];
-    all.insert(all.end(), s.amb.begin(), s.amb.end());
-  }
-  std::sort(all.begin(), all.end());
   return {out, torch::tensor(all, torch::kInt64)};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("conv_theta", &conv_theta); }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("conv_theta", &conv_theta_impl<false>);
+  m.def("conv_theta_synapses", &conv_theta_impl<true>);
+}
 """
 
 _MODULE = None
 _TRIED = False
+# The build's name changes with what the module offers (v2: conv_theta_synapses), so a torch extensions cache shared
+# with checkouts of an older source keeps both builds instead of rebuilding over each other.
+_NAME = "gradauth_slicing_theta_v2"
 
 
 def enabled() -> bool:
@@ -366,7 +410,7 @@ def available() -> bool:
     if not _TRIED:
         _TRIED = True
         from torch.utils.cpp_extension import load_inline
-        builds = ([("gradauth_slicing_theta_avx2", ["-mavx2"])] if _avx2() else []) + [("gradauth_slicing_theta", [])]
+        builds = ([(f"{_NAME}_avx2", ["-mavx2"])] if _avx2() else []) + [(_NAME, [])]
         for name, extra in builds:
             try:
                 _MODULE = load_inline(name, cpp_sources=[_SOURCE], extra_cflags=_FLAGS + extra, with_cuda=False,
@@ -380,6 +424,17 @@ def available() -> bool:
 def conv_theta(m, g: torch.Tensor, dx: torch.Tensor, y: torch.Tensor, theta: float, float_pass: bool = True):
     """(acc, ambiguous flat neuron indices): acc as vectorized._conv_theta computes it, minus those neurons.
     float_pass=False skips the float32 pass (every neuron decided with float64 products: slower, same result)."""
-    return _MODULE.conv_theta(dx.float().contiguous(), m.weight.detach().float().contiguous(), y.float().contiguous(),
-                              g.float().contiguous(), *m.stride, *m.padding, *m.dilation, m.groups, float(theta),
-                              bool(float_pass))
+    return _MODULE.conv_theta(*_args(m, g, dx, y, theta, float_pass))
+
+
+def conv_theta_synapses(m, g: torch.Tensor, dx: torch.Tensor, y: torch.Tensor, theta: float,
+                        float_pass: bool = True):
+    """(signed, count, ambiguous flat neuron indices): per weight (float64, Cout × the weight's other dims
+    flattened) Σ g·sign(w)·sign(Δx)·keep and Σ |·| over the active output neurons, as synapse._conv_theta computes
+    them, minus the ambiguous neurons (the caller decides those exactly). Same filter as conv_theta, same cut."""
+    return _MODULE.conv_theta_synapses(*_args(m, g, dx, y, theta, float_pass))
+
+
+def _args(m, g, dx, y, theta, float_pass):
+    return (dx.float().contiguous(), m.weight.detach().float().contiguous(), y.float().contiguous(),
+            g.float().contiguous(), *m.stride, *m.padding, *m.dilation, m.groups, float(theta), bool(float_pass))

@@ -13,8 +13,9 @@ These are exactly what the per-neuron walk already computes, kept per weight ins
 The first layer's synapses are included (their input, the image, has a Δ even though it gets no CONTRIB).
 
 Vectorised: at θ = 0 each layer is one weight-gradient convolution (or one matmul) of sign(CONTRIB·Δy) with the
-input's sign(Δ); at θ > 0 blocks of active output neurons go through theta.kept (the same exact filter), as in
-algebra.conv_theta. `synapse_loop` is the reference: the loop walk of reference.py, with each weighted step's
+input's sign(Δ); at θ > 0 a convolution goes through the compiled θ kernel (kernel.conv_theta_synapses: the
+neuron-level kernel's cut, its kept signs summed per weight) where a C++ compiler is at hand, else, like a Linear,
+blocks of active output neurons go through theta.kept (the same exact filter), as in algebra.conv_theta. `synapse_loop` is the reference: the loop walk of reference.py, with each weighted step's
 synapses recomputed one output neuron and one synapse at a time (loops.py's windows and exact_keep), sharing no
 tensor algebra with the vectorised path.
 """
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import algebra as A
+from . import kernel
 from .graph import Plan
 from .loops import sign
 from .record import BATCH, batches, forward_stats, profile, sample_records
@@ -98,6 +100,19 @@ def _conv_theta(m, g: torch.Tensor, dx: torch.Tensor, y: torch.Tensor, theta: fl
     return _exact(signed).view(m.weight.shape), _exact(count).view(m.weight.shape)
 
 
+def _conv_theta_compiled(m, g: torch.Tensor, dx: torch.Tensor, y: torch.Tensor, theta: float, block: int):
+    """θ > 0 through the compiled kernel (kernel.py): the same cut per neuron, the kept signs summed per weight in
+    C++; the neurons whose cut its float64 margins cannot decide are decided here by the torch path (exact)."""
+    signed, count, amb = kernel.conv_theta_synapses(m, g, dx, y, theta)
+    signed, count = _exact(signed).view(m.weight.shape), _exact(count).view(m.weight.shape)
+    if len(amb):
+        ga = torch.zeros(g.numel())
+        ga[amb] = g.reshape(-1)[amb].float()
+        s2, c2 = _conv_theta(m, ga.view(g.shape), dx, y, theta, block)
+        signed, count = signed + s2, count + c2
+    return signed, count
+
+
 def _linear(m, g: torch.Tensor, sdp: torch.Tensor, st, p: str, name: str, theta: float, block: int):
     w = m.weight.detach()
     g2 = g.reshape(-1, w.shape[0]).double()
@@ -127,7 +142,10 @@ def weight_contribs(s, c: torch.Tensor, st, theta: float, block: int = BLOCK):
     if s.rule.kind == "conv":
         if theta == 0:
             return _conv_theta0(s.op, g, sdp)
-        return _conv_theta(s.op, g.contiguous(), st.dx[p].contiguous(), st.y[s.name].contiguous(), theta, block)
+        dx, y = st.dx[p].contiguous(), st.y[s.name].contiguous()
+        if kernel.available():
+            return _conv_theta_compiled(s.op, g.contiguous(), dx, y, theta, block)
+        return _conv_theta(s.op, g.contiguous(), dx, y, theta, block)
     return _linear(s.op, g, sdp, st, p, s.name, theta, block)
 
 

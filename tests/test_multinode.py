@@ -92,8 +92,11 @@ def test_node_loss_on_a_two_worker_cluster(tmp_path):
         deadline = time.time() + 300
         while victim is None:
             assert time.time() < deadline, "no trial reached a checkpoint on both workers in time"
-            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
             res = observe()
+            assert driver.poll() is None, (
+                (tmp_path / "driver.log").read_text()[-2000:] + "\nseen: " + "; ".join(
+                    f"{tid[-6:]} epoch {ls[-1].get('epoch')} on {node_by_pid.get(ls[-1]['pid'])} "
+                    f"complete {ls[-1].get('row_complete')} lines {len(ls)}" for tid, ls in res.items()))
             unfinished = {tid for tid, lines in res.items() if not lines[-1].get("row_complete")}
             # Kill a worker once trials have run on both (seen so far: result.json lags the trials by seconds, more
             # on a loaded machine, so "both busy at this instant" can be missed) and one of its trials is a few

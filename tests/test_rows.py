@@ -236,7 +236,8 @@ def test_status_refuses_a_damaged_row_or_progress_file_in_one_line(tmp_path, tin
     assert len(err.strip().splitlines()) == 1 and ("damaged row file" if damage == "part" else "not a gradauth progress") in err
 
 
-@pytest.mark.parametrize("name", ["quickstart", "cifar10-cpu", "cifar10-cpu-targeted"])
+@pytest.mark.parametrize("name", ["quickstart", "cifar10-cpu", "cifar10-cpu-targeted", "quickstart-synapse",
+                                  "cifar10-cpu-nnapps"])
 def test_status_reads_every_committed_reference(name, capsys):
     """A committed folder (no progress.json, rows written before a later knob such as lock_granularity existed):
     `status` answers with every row counted once, the knob read as its default."""

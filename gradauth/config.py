@@ -295,12 +295,15 @@ def parse_attacks(text: str) -> list[tuple[str, float | None]]:
     return out
 
 
-def _attacks_problem(text: str) -> str | None:
-    try:
-        parse_attacks(text)
-    except GradauthError as e:
-        return str(e)
-    return None
+def _problem_of(parse):
+    """A field check (`opt(check=…)`) from a parser that raises GradauthError: its one line, or None."""
+    def problem(text: str) -> str | None:
+        try:
+            parse(text)
+        except GradauthError as e:
+            return str(e)
+        return None
+    return problem
 
 
 @dataclass
@@ -308,7 +311,7 @@ class DetectConfig:
     """`gradauth detect` only (detect.py): its settings (`detect.Settings` is this class)."""
     normal: int = opt(1000, "int", lo=2)     # normal training inputs the classifiers learn from (≥ 2: more than one class)
     clean: int = opt(200, "int", lo=1)       # correctly classified test inputs for the false-positive rate
-    attacks: str = opt(DEFAULT_ATTACKS, "str", check=_attacks_problem)  # "NAME[:ε,ε…];NAME…" (ε in [0, 1] pixel units, fixed-size attacks only)
+    attacks: str = opt(DEFAULT_ATTACKS, "str", check=_problem_of(parse_attacks))  # "NAME[:ε,ε…];NAME…" (ε in [0, 1] pixel units, fixed-size attacks only)
     samples: int = opt(100, "int", lo=1)     # per attack (and ε): at most this many inputs attacked
     seconds: float = opt(120.0, "float", lo=0, lo_open=True)  # per attack (and ε): no new batch after this
     features: str = opt("channel", "str", choices=lambda: FEATURES)  # channel: Σ|CONTRIB| per channel | neuron: every neuron's CONTRIB
@@ -320,14 +323,6 @@ class DetectConfig:
 
 # ---- simplify: `gradauth simplify` (simplify.py), NNSlicer's class-targeted simplification ------------------------
 SIMPLIFY_METHODS = ("slice", "weight", "channel")
-
-
-def _class_list_problem(text: str) -> str | None:
-    try:
-        parse_classes(text)
-    except GradauthError as e:
-        return str(e)
-    return None
 
 
 def parse_classes(text: str) -> tuple[int, ...]:
@@ -351,7 +346,7 @@ class SimplifyConfig:
     """`gradauth simplify` only (simplify.py): class subsets, removal rates and the fine-tune."""
     k: int = opt(4, "int", lo=2)                # classes per subset (the paper: 4 of CIFAR-10's 10)
     subsets: int = opt(10, "int", lo=1)         # seeded sample of the k-class subsets (all of them when fewer exist)
-    classes: list[str] | None = opt(None, "str", many=True, optional=True, unique=True, check=_class_list_problem)  # explicit subsets, e.g. ['0,1,2,3', '3,5,7,9'], instead of k and subsets
+    classes: list[str] | None = opt(None, "str", many=True, optional=True, unique=True, check=_problem_of(parse_classes))  # explicit subsets, e.g. ['0,1,2,3', '3,5,7,9'], instead of k and subsets
     rates: list[float] = opt([0.5, 0.7, 0.9], "float", many=True, lo=0, hi=1, lo_open=True, hi_open=True,
                              unique=True, empty="give at least one removal rate in (0, 1)")  # fraction r of synapses removed per layer
     methods: list[str] = opt(list(SIMPLIFY_METHODS), "str", many=True, choices=lambda: SIMPLIFY_METHODS, unique=True,

@@ -17,3 +17,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def count_kernel_calls(monkeypatch, name: str) -> list:
+    """Turn the compiled θ kernel on (skip without a C++ compiler) and count the calls of its function `name`."""
+    from gradauth.slicing import kernel
+    monkeypatch.setenv("GRADAUTH_SLICING_KERNEL", "1")
+    if not kernel.available():
+        pytest.skip("no C++ compiler for the θ kernel (the torch path is used then)")
+    calls = []
+    real = getattr(kernel, name)
+    monkeypatch.setattr(kernel, name, lambda *a: calls.append(1) or real(*a))
+    return calls

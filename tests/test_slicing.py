@@ -14,7 +14,7 @@ from gradauth.slicing.theta import exact_keep, kept
 from gradauth.slicing.vectorized import BLOCK, _conv_theta
 
 
-from slicing_fixtures import one_thread, torch_theta_path  # noqa: F401  (autouse)
+from slicing_fixtures import count_kernel_calls, one_thread, torch_theta_path  # noqa: F401  (autouse)
 
 
 def _randomise_bn(model, seed=0):
@@ -143,13 +143,7 @@ def _outputs(p: torch.Tensor, g: torch.Generator, integer: bool) -> torch.Tensor
 def compiled(monkeypatch):
     """The compiled θ kernel (built by torch's cpp_extension: ninja and a compiler run, so its tests are marked
     subprocess)."""
-    monkeypatch.setenv("GRADAUTH_SLICING_KERNEL", "1")
-    if not kernel.available():
-        pytest.skip("no C++ compiler for the θ kernel (the torch path is used then)")
-    calls = []
-    real = kernel.conv_theta
-    monkeypatch.setattr(kernel, "conv_theta", lambda *a: calls.append(1) or real(*a))
-    return calls
+    return count_kernel_calls(monkeypatch, "conv_theta")
 
 
 @pytest.mark.subprocess

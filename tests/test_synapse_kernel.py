@@ -9,19 +9,13 @@ from gradauth.slicing.synapse import _conv_theta, _conv_theta_compiled, synapse_
 from gradauth.slicing.vectorized import BLOCK
 from tests.test_slicing import ConvZoo, ResCat, _random_case
 
-from slicing_fixtures import one_thread, torch_theta_path  # noqa: F401  (autouse)
+from slicing_fixtures import count_kernel_calls, one_thread, torch_theta_path  # noqa: F401  (autouse)
 
 
 @pytest.fixture
 def compiled(monkeypatch):
     """The compiled kernel (a compiler runs on first use: marked subprocess); counts its synapse-mode calls."""
-    monkeypatch.setenv("GRADAUTH_SLICING_KERNEL", "1")
-    if not kernel.available():
-        pytest.skip("no C++ compiler for the θ kernel (the torch path is used then)")
-    calls = []
-    real = kernel.conv_theta_synapses
-    monkeypatch.setattr(kernel, "conv_theta_synapses", lambda *a: calls.append(1) or real(*a))
-    return calls
+    return count_kernel_calls(monkeypatch, "conv_theta_synapses")
 
 
 @pytest.mark.subprocess

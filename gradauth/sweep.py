@@ -238,7 +238,6 @@ def _search_trainable(config: dict, ctx: TrialContext, threads: int, gpu_fractio
 
 def pack_name(points: list[str]) -> str:
     """A pack's Tune trial name: its size and a digest of its grid points (stable across `--resume`)."""
-    import hashlib
     return f"pack{len(points)}-{hashlib.sha256(chr(10).join(points).encode()).hexdigest()[:12]}"
 
 

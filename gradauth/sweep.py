@@ -167,11 +167,14 @@ def _pack_trainable(config: dict, ctx: TrialContext, threads: int, checkpoint_ev
     skip = set(done) | set(finished or ())
     batch: list[tuple[dict, bytes | None]] = []
     ds = _device_data(ctx, device)
+    budget = config.get("budget_s")  # a first pack of `pack: auto` (PackSearcher): it times points, then hands back
+    ran: list[dict] = []             # status and seconds of the points this run ran, in order (the timing)
 
-    def report(final: bool, next_point: str | None, point_state: dict | None = None, point: str | None = None):
+    def report(final: bool, next_point: str | None, point_state: dict | None = None, point: str | None = None,
+               extra: dict | None = None):
         # batch_points: which points this report brings (result.json keeps every report: a record of what ran)
         metrics = {"points_done": len(done), "pack_size": len(specs), "pack_complete": final,
-                   "batch_points": " ".join(r["trial_id"] for r, _ in batch)}
+                   "batch_points": " ".join(r["trial_id"] for r, _ in batch)} | (extra or {})
         if not batch and point_state is None:
             tune.report(metrics)
             return
@@ -192,7 +195,7 @@ def _pack_trainable(config: dict, ctx: TrialContext, threads: int, checkpoint_ev
         batch.clear()
 
     todo = [t for t in specs if t.trial_id not in skip]
-    last = [time.monotonic()]
+    last, start = [time.monotonic()], time.monotonic()
     for i, t in enumerate(todo):
         ckpt_last = [time.monotonic()]
 
@@ -206,12 +209,21 @@ def _pack_trainable(config: dict, ctx: TrialContext, threads: int, checkpoint_ev
         row, data = run_point(ctx, t, device, ds, state if t.trial_id == state_point else None, on_epoch)
         done[t.trial_id] = None
         batch.append((row, data))
-        nxt = todo[i + 1].trial_id if i + 1 < len(todo) else None
-        if nxt is None or time.monotonic() - last[0] >= PACK_REPORT_S:
-            report(nxt is None, nxt)
+        ran.append({"status": row.get("status"), "seconds": row.get("seconds")})
+        # a timing pack stops once a point ran warm and its budget is spent; the points it did not run go back
+        timed = budget is not None and len(ran) - warm_points(ran) >= PROBE_TIMED and \
+            time.monotonic() - start >= budget
+        nxt = todo[i + 1].trial_id if i + 1 < len(todo) and not timed else None
+        if nxt is None:
+            extra = {"timing_json": json.dumps(ran), "returned": " ".join(u.trial_id for u in todo[i + 1:])} \
+                if budget is not None else None
+            report(True, None, extra=extra)
+            break
+        if time.monotonic() - last[0] >= PACK_REPORT_S:
+            report(False, nxt)
             last[0] = time.monotonic()
     if not todo:
-        report(True, None)
+        report(True, None, extra={"timing_json": "[]", "returned": ""} if budget is not None else None)
 
 
 def _search_trainable(config: dict, ctx: TrialContext, threads: int, gpu_fraction: float,
@@ -432,7 +444,9 @@ def make_packs(specs: list[TrialSpec], size: int) -> list[list[TrialSpec]]:
     return [specs[i:i + size] for i in range(0, len(specs), size)]
 
 
-PROBE_POINTS, PROBE_S = 8, 1.0  # pack: auto times up to this many points per slot, for about this long
+# pack: auto's first packs (tune_rows.PackSearcher): up to PROBE_POINTS points per slot, each pack stopping once
+# PROBE_TIMED points ran warm and PROBE_S passed (one timed point was off by 3x on a busy machine)
+PROBE_POINTS, PROBE_S, PROBE_TIMED = 8, 1.0, 3
 
 
 def warm_points(rows: list[dict]) -> int:
@@ -444,55 +458,14 @@ def warm_points(rows: list[dict]) -> int:
     return max(1, first_ok + 1 if first_ok is not None else 1)
 
 
-def _probe(ctx: TrialContext, specs: list[TrialSpec], threads: int, gpu_fraction: float, plugins,
-           budget_s: float) -> list[tuple[dict, bytes | None]]:
-    """A Ray task: grid points back to back on a trial's resources until at least one ran warm (`warm_points`) and
-    `budget_s` has passed; their rows (and models) are kept like any other, so timing them wastes nothing."""
-    registry.restore(plugins)
-    torch.set_num_threads(threads)
-    device = pick_device()
-    cap_gpu_memory(device, gpu_fraction)
-    ds, out, t0 = _device_data(ctx, device), [], time.monotonic()
-    for t in specs:
-        out.append(run_point(ctx, t, device, ds))
-        if len(out) > warm_points([r for r, _ in out]) and time.monotonic() - t0 >= budget_s:
-            break
-    return out
-
-
 def probe_sample(pending: list, slots: int) -> list[list]:
-    """The points `pack: auto` times: PROBE_POINTS per probe task (one task per slot, as many as the points fill),
-    every (len / PROBE_POINTS·tasks)-th of the grid, so every part of it (each lock value) is in the sample."""
+    """The points `pack: auto` times: its first packs (tune_rows.PackSearcher), PROBE_POINTS each (one per slot, as
+    many as the points fill), every (len / PROBE_POINTS·packs)-th of the grid, so every part of it (each lock value)
+    is in the sample."""
     tasks = min(max(1, slots), math.ceil(len(pending) / PROBE_POINTS))
     want = tasks * PROBE_POINTS
     sample = pending[::max(1, len(pending) // want)][:want]
     return [sample[i::tasks] for i in range(tasks)]
-
-
-def _probe_points(cfg: Config, ctx: TrialContext, pending: list[TrialSpec], resources: dict, slots: int,
-                  log: SweepLog) -> list[dict]:
-    """`pack: auto` with nothing measured yet: time PROBE_POINTS per slot (in parallel, as Ray tasks on a trial's
-    resources), drawn evenly across the grid: its first points share one lock value, which may be one that is never
-    fine-tuned (unlockable: 5x faster than the rest). Their rows go to the log as they come back. Returns the rows
-    that ran warm (`warm_points`), or where none did, every one but each task's first."""
-    import ray
-    from .tune_rows import point_row
-    probe = ray.remote(_probe).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"], max_retries=0)
-    ctx_ref, plugins = ray.put(ctx), registry.snapshot()
-    refs = [probe.remote(ctx_ref, points, max(1, int(resources["cpu"])), resources["gpu"], plugins, PROBE_S)
-            for points in probe_sample(pending, slots)]
-    timed = []
-    for ref in refs:
-        try:
-            got = ray.get(ref)
-        except Exception as e:  # noqa: BLE001: a probe that died: its points run in packs like the others
-            print(f"[sweep] pack: auto could not time the first points ({type(e).__name__}): packs of 1 until "
-                  "some are timed", file=sys.stderr)
-            continue
-        log.finished_many([(point_row(row), data) for row, data in got])
-        rows = [r for r, _ in got]
-        timed += rows[warm_points(rows):] or rows[1:] or rows  # all warm-up: the later ones, else what there is
-    return timed
 
 
 def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = False) -> pd.DataFrame:
@@ -536,20 +509,24 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
     import ray
     resources = trial_resources(cfg.sweep.resources, started_here, ray.cluster_resources())
     cpu = resources["cpu"]
-    packs = None
+    packs = searcher = None
     if cfg.sweep.pack != 1 and not restore:
         slots = concurrent_slots(cfg, resources, ray.cluster_resources())
         seconds = point_seconds(list(done.values()))
-        if cfg.sweep.pack == "auto" and seconds is None and len(pending) > slots:
-            seconds = point_seconds(_probe_points(cfg, ctx, pending, resources, slots, log))
-            pending = [s for s in pending if s.trial_id not in log.rows]
-            points = sorted(s.trial_id for s in pending)
-        size = pack_size(cfg.sweep.pack, cfg.sweep.pack_seconds, seconds, len(pending), slots)
-        packs = make_packs(pending, size)
-        print(f"[sweep] pack: {len(pending)} grid points in {len(packs)} Tune trials of up to {size}"
-              + (f" (~{seconds:.2f} s a point, {slots} at a time)" if seconds else ""), file=sys.stderr)
-    if not pending:
-        return log.compact()
+        if cfg.sweep.pack == "auto" and len(pending) > slots:
+            # packs handed out as slots free up (PackSearcher): the first ones time a few points across the grid
+            # in the trials' own workers, so no separate probe pays its own workers' start before Tune's
+            from .tune_rows import PackSearcher
+            searcher = PackSearcher([s.trial_id for s in pending], slots, cfg.sweep.pack_seconds, seconds)
+            print(f"[sweep] pack: auto: {len(pending)} grid points handed out in packs as trials start, "
+                  + (f"{searcher.size} a pack (~{seconds:.2f} s a point, {slots} at a time)" if seconds else
+                     f"sized by the first {sum(map(len, searcher.probes))} points' timing (in sweep.log)"),
+                  file=sys.stderr)
+        else:
+            size = pack_size(cfg.sweep.pack, cfg.sweep.pack_seconds, seconds, len(pending), slots)
+            packs = make_packs(pending, size)
+            print(f"[sweep] pack: {len(pending)} grid points in {len(packs)} Tune trials of up to {size}"
+                  + (f" (~{seconds:.2f} s a point, {slots} at a time)" if seconds else ""), file=sys.stderr)
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, ctx=ctx, threads=max(1, int(cpu)), checkpoint_every=cfg.sweep.checkpoint_every,
                              checkpoint_min_s=cfg.sweep.checkpoint_min_s, gpu_fraction=resources["gpu"],
@@ -565,12 +542,14 @@ def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = Fals
         if not cfg.sweep.storage and Path(exp_path).exists():
             shutil.rmtree(exp_path)  # a fresh experiment must not mix with an old one's trials
         _write_points(storage, points)
-        space = ({"pack": tune.grid_search([[s.trial_id for s in pk] for pk in packs])} if packs is not None else
+        space = (None if searcher is not None else
+                 {"pack": tune.grid_search([[s.trial_id for s in pk] for pk in packs])} if packs is not None else
                  {"trial": tune.grid_search([asdict(s) for s in pending])})
         tuner = tune.Tuner(
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(max_concurrent_trials=cfg.sweep.max_concurrent, reuse_actors=True,
+                                        search_alg=searcher, num_samples=-1 if searcher is not None else 1,
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(
                 name=rundir.EXPERIMENT, storage_path=storage, callbacks=[RowWriter()],

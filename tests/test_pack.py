@@ -144,11 +144,18 @@ def _ran_since(out: Path, since: float) -> list[str]:
     return ran
 
 
+# pack: auto hands packs out as slots free up (tune_rows.PackSearcher): timing packs first, then sized ones; its
+# queue is restored from Tune's snapshot with the experiment
+KILL_AUTO = copy.deepcopy(KILL) | {"finetune": KILL["finetune"] | {"seeds": list(range(12))}}
+KILL_AUTO["sweep"] = KILL["sweep"] | {"pack": "auto", "pack_seconds": 2.0}
+
+
 @pytest.mark.ray
 @pytest.mark.subprocess
-def test_a_driver_killed_mid_pack_resumes_without_rerunning_a_point(half_base, tmp_path):
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(KILL))
-    cfg = parse_config(copy.deepcopy(KILL))
+@pytest.mark.parametrize("raw", [KILL, KILL_AUTO], ids=["pack4", "auto"])
+def test_a_driver_killed_mid_pack_resumes_without_rerunning_a_point(half_base, tmp_path, raw):
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    cfg = parse_config(copy.deepcopy(raw))
     out = with_base(half_base[1], tmp_path / "out", cfg)
     specs = grid(cfg)
     proc = _sweep(tmp_path / "c.yaml", out)

@@ -128,3 +128,74 @@ def test_the_probe_times_only_points_that_ran_warm():
     assert warm_points([unl, unl, ok, ok]) == 3  # the third was the first fine-tune
     assert warm_points([unl, unl]) == 1 and warm_points([]) == 1
     assert warm_points([{"status": "error"}, ok]) == 2
+
+
+# ---- pack: auto hands packs out as slots free up (tune_rows.PackSearcher) -----------------------------------------
+
+def _ids(n):
+    return [f"p{i:03d}" for i in range(n)]
+
+
+def test_auto_times_its_first_packs_then_hands_out_sized_ones():
+    """No probe of its own: the first pack per slot is a timing pack (PROBE_POINTS points across the grid, a time
+    budget); its warm points' seconds size the rest, and the points it did not run go back into the queue."""
+    from gradauth.sweep import PROBE_POINTS, PROBE_S, pack_size
+    from gradauth.tune_rows import PackSearcher
+    s = PackSearcher(_ids(1000), slots=2, pack_seconds=30.0)
+    a, b = s.suggest("t1"), s.suggest("t2")
+    assert a["budget_s"] == PROBE_S == b["budget_s"] and len(a["pack"]) == len(b["pack"]) == PROBE_POINTS
+    assert s.suggest("t3") is None  # nothing timed yet: no sized pack
+    assert len(s.queue) == 1000 - 2 * PROBE_POINTS
+    # t1 ran 5 of its 8 points: the first (the worker's warm-up) and four warm ones of 0.1 s; 3 come back
+    ran = [{"status": "ok", "seconds": 2.0}] + [{"status": "ok", "seconds": 0.1}] * 4
+    s.on_trial_complete("t1", {"timing_json": json.dumps(ran), "returned": " ".join(a["pack"][5:] + ["zzz"])})
+    assert s.size == pack_size("auto", 30.0, 0.1, 1000 - 2 * PROBE_POINTS + 3, 2) == 494  # one ≥30 s pack per slot
+    assert s.queue[:3] == a["pack"][5:] and "zzz" not in s.queue  # a point not of its pack is not taken back
+    c = s.suggest("t3")
+    assert "budget_s" not in c and len(c["pack"]) == 494 and c["pack"][:3] == a["pack"][5:]
+    s.on_trial_complete("t2", {"timing_json": json.dumps(ran), "returned": ""})
+    handed = a["pack"][:5] + b["pack"] + c["pack"]
+    while (d := s.suggest(f"t{len(handed)}")) not in (None, s.FINISHED):
+        handed += d["pack"]
+        s.on_trial_complete(f"t{len(handed) - len(d['pack'])}", {"pack_complete": True})
+    assert sorted(handed) == _ids(1000)  # every point exactly once
+
+
+def test_auto_with_timed_rows_skips_the_timing_packs_and_a_failed_timing_falls_back_to_one_point():
+    from gradauth.tune_rows import PackSearcher
+    s = PackSearcher(_ids(100), slots=2, pack_seconds=3.0, seconds=0.1)
+    assert s.probes == [] and s.size == 50 and len(s.suggest("t")["pack"]) == 50
+    s = PackSearcher(_ids(100), slots=2, pack_seconds=3.0)
+    s.suggest("a"), s.suggest("b")
+    s.on_trial_complete("a", None, error=True)   # both timing packs failed (after Tune's retries)
+    s.on_trial_complete("b", None, error=True)
+    assert len(s.suggest("c")["pack"]) == 1
+
+
+def test_a_restored_pack_state_drops_points_finished_after_the_snapshot(tmp_path):
+    """Tune restores the searcher from its last snapshot: a point handed out after it and finished before the kill
+    has its row on disk, so the restored queue drops it; a damaged state is one line, not a traceback."""
+    from gradauth.rows import SweepLog
+    from gradauth.tune_rows import PackSearcher, activate
+    s = PackSearcher(_ids(40), slots=2, pack_seconds=3.0, seconds=0.1)
+    s.save(str(tmp_path / "state.json"))   # the snapshot
+    first = s.suggest("t1")["pack"]        # handed out after it
+    log = SweepLog(tmp_path / "out", "x", _ids(40), {}, fresh=True)
+    log.finished_many([({"trial_id": p, "status": "unlockable", "seconds": 0.1}, None) for p in first[:7]])
+    r = PackSearcher()
+    r.restore(str(tmp_path / "state.json"))
+    activate(log, None)
+    try:
+        handed = []
+        while (d := r.suggest(f"t{len(handed)}")) not in (None, r.FINISHED):
+            handed += d["pack"]
+    finally:
+        activate(None, None)
+    assert sorted(handed) == sorted(set(_ids(40)) - set(first[:7]))
+    (tmp_path / "bad.json").write_text(json.dumps({"queue": [1, 2], "probes": [], "live": {}, "size": 3,
+                                                   "slots": 2, "pack_seconds": 3.0}))
+    with pytest.raises(GradauthError, match="pack state is damaged"):
+        PackSearcher().restore(str(tmp_path / "bad.json"))
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(GradauthError, match="not a readable pack state"):
+        PackSearcher().restore(str(tmp_path / "junk.json"))

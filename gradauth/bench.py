@@ -228,6 +228,16 @@ def _plain_parallel(pool, ctx, specs, slots: int, out: Path) -> tuple[float, flo
     return slowest[0] / len(specs), slowest[1] / slowest[0]
 
 
+def _plain_cold(ctx, specs, slots: int, out: Path) -> float:
+    """Wall seconds of `specs` run by `slots` plain processes started for them (spawned, as a plain multi-process loop
+    starts: the imports, torch's lazy ones and the first fine-tune's warm-up included), no Ray."""
+    import multiprocessing
+    t0 = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(slots) as pool:
+        _plain_parallel(pool, ctx, specs, slots, out)
+    return time.perf_counter() - t0
+
+
 def bench_scale(ns: tuple[int, ...] = SCALE_N, sample: int = 200, pack=None) -> dict:
     """The driver as the sweep grows: per trial, its CPU seconds, the bytes it writes (/proc/self/io) and what lands
     in Ray's storage, its memory, `gradauth status` and `--resume` times, and Ray's overhead against the same trials
@@ -267,6 +277,7 @@ def bench_scale(ns: tuple[int, ...] = SCALE_N, sample: int = 200, pack=None) -> 
             out = tmp / f"n{n}"
             out.mkdir()
             plain_before, writes_before = _plain_parallel(pool, ctx, picked, slots, tmp / f"plain{n}-before")
+            cold_wall = _plain_cold(ctx, picked, slots, tmp / f"plain{n}-cold")
             logs0 = _tree(_ray_logs())[0]
             io0, cpu0, t0, load0 = _proc_io(), time.process_time(), time.perf_counter(), os.getloadavg()
             df = run_sweep(cfg, ctx, out)
@@ -274,6 +285,7 @@ def bench_scale(ns: tuple[int, ...] = SCALE_N, sample: int = 200, pack=None) -> 
             load1 = os.getloadavg()
             plain_after, writes_after = _plain_parallel(pool, ctx, picked, slots, tmp / f"plain{n}-after")
             plain = (plain_before + plain_after) / 2
+            cold_start = max(0.0, cold_wall - len(picked) * plain)  # what a plain loop's fresh processes add, once
             writes = (writes_before + writes_after) / 2
             storage, storage_files = _tree(out / rundir.RAY)
             ray_logs = _tree(_ray_logs())[0] - logs0
@@ -298,6 +310,8 @@ def bench_scale(ns: tuple[int, ...] = SCALE_N, sample: int = 200, pack=None) -> 
                 "plain_s_per_trial_before_after": [plain_before, plain_after], "plain_sample": len(picked),
                 "plain_writes_share": writes,
                 "ray_overhead_vs_plain": wall / n / plain - 1,
+                "plain_cold_wall_s": cold_wall, "plain_cold_start_s": cold_start,
+                "ray_overhead_vs_cold_plain": wall / (cold_start + n * plain) - 1,
                 "ray_overhead_vs_plain_compute_only": wall / n / (plain * (1 - writes)) - 1,
                 "load_average_before_after": [load0, load1]}
             print(f"[bench] N={n}: {json.dumps(result['runs'][str(n)])}", file=sys.stderr)
@@ -321,7 +335,10 @@ def bench_scale(ns: tuple[int, ...] = SCALE_N, sample: int = 200, pack=None) -> 
         "each), timed just before and just after each sweep; like the sweep, each plain process writes every "
         "fine-tuned point's model file and its rows (Parquet): plain_writes_share is that part of its time. "
         "ray_overhead_vs_plain = the sweep's wall per trial "
-        "(Ray's start excluded, Tune's setup and the packs' sizing included) / plain's − 1; "
+        "(Ray's start excluded; Tune's setup, its workers' start and warm-up and the packs' timing included) / the "
+        "warm plain processes' − 1; ray_overhead_vs_cold_plain: the same against a plain loop that starts its own "
+        "processes (plain_cold_start_s: the sample run by freshly spawned processes, less its warm time: imports, "
+        "torch's lazy imports, the first fine-tune) and then runs all N trials warm; "
         "ray_overhead_vs_plain_compute_only: against the plain loop less its writes (trials that leave nothing); "
         "marginal_ray_overhead_vs_plain: the same for the trials between the first and the last N (the fixed start "
         "cancels). On a shared, loaded machine both sides include everyone else's load: see load_average_*. "

@@ -267,7 +267,8 @@ class PackSearcher(tune.search.Searcher):
     grid of packs fixed before Tune starts. With nothing timed yet, the first packs (one per slot, PROBE_POINTS
     points drawn across the grid: sweep.probe_sample) run in the trials' own workers until a point ran warm and
     PROBE_S passed, report their points' seconds (`timing_json`) and hand back the points they did not run
-    (`returned`); the rest go out in packs of `sweep.pack_size` (whole rounds of the slots, each ≥ pack_seconds).
+    (`returned`); once every timing pack is back, the rest go out in packs of `sweep.pack_size` (whole rounds of the
+    slots, each ≥ pack_seconds; sized before the last came back, its handed-back points made one short pack more).
     Before, a separate probe (Ray tasks) timed the points first: its workers started, imported torch and warmed up,
     and then Tune's actors did it all again (~4 s of a 100-point sweep's 10 s here).
 
@@ -300,7 +301,7 @@ class PackSearcher(tune.search.Searcher):
         self._checked = True
 
     def suggest(self, trial_id: str):
-        from .sweep import PROBE_S
+        from .sweep import PROBE_S, pack_size, point_seconds
         if not self._checked:
             self._drop_finished()
         if self.probes:
@@ -309,8 +310,14 @@ class PackSearcher(tune.search.Searcher):
             return {"pack": pack, "budget_s": PROBE_S}
         if self.size is None:
             if self.live:
-                return None  # waiting for a timing pack
-            self.size = 1    # every timing pack ended without a timed point (they failed): one point a trial
+                return None  # waiting for the timing packs: the points they hand back are sized with the rest
+            seconds = point_seconds(self.timed)
+            # every timing pack ended without a timed point (they failed): one point a trial
+            self.size = pack_size("auto", self.pack_seconds, seconds, len(self.queue), self.slots) if seconds else 1
+            if seconds:
+                print(f"[sweep] pack: auto: ~{seconds:.3f} s a point ({len(self.timed)} timed): the other "
+                      f"{len(self.queue)} grid points in packs of {self.size}, {self.slots} at a time",
+                      file=sys.stderr)
         if not self.queue:
             return None if self.live else self.FINISHED  # a timing pack out may still hand points back
         pack, self.queue = self.queue[:self.size], self.queue[self.size:]
@@ -318,7 +325,7 @@ class PackSearcher(tune.search.Searcher):
         return {"pack": pack}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        from .sweep import pack_size, point_seconds, warm_points
+        from .sweep import warm_points
         pack = self.live.pop(trial_id, None)
         if pack is None or not result:
             return  # an errored pack's points get error rows (RowWriter); Tune retried it max_failures times first
@@ -330,12 +337,6 @@ class PackSearcher(tune.search.Searcher):
             except ValueError:
                 ran = []
             self.timed += ran[warm_points(ran):] or ran[1:] or ran
-            seconds = point_seconds(self.timed)
-            if self.size is None and seconds:
-                self.size = pack_size("auto", self.pack_seconds, seconds, len(self.queue), self.slots)
-                print(f"[sweep] pack: auto: ~{seconds:.3f} s a point ({len(self.timed)} timed): the other "
-                      f"{len(self.queue)} grid points in packs of {self.size}, {self.slots} at a time",
-                      file=sys.stderr)
 
     def get_state(self) -> dict:
         return {"queue": self.queue, "probes": self.probes, "live": self.live, "size": self.size,

@@ -149,12 +149,15 @@ def test_auto_times_its_first_packs_then_hands_out_sized_ones():
     # t1 ran 5 of its 8 points: the first (the worker's warm-up) and four warm ones of 0.1 s; 3 come back
     ran = [{"status": "ok", "seconds": 2.0}] + [{"status": "ok", "seconds": 0.1}] * 4
     s.on_trial_complete("t1", {"timing_json": json.dumps(ran), "returned": " ".join(a["pack"][5:] + ["zzz"])})
-    assert s.size == pack_size("auto", 30.0, 0.1, 1000 - 2 * PROBE_POINTS + 3, 2) == 494  # one ≥30 s pack per slot
     assert s.queue[:3] == a["pack"][5:] and "zzz" not in s.queue  # a point not of its pack is not taken back
+    assert s.suggest("t3") is None and s.size is None  # t2 may still hand points back: they are sized with the rest
+    s.on_trial_complete("t2", {"timing_json": json.dumps(ran), "returned": " ".join(b["pack"][6:])})
     c = s.suggest("t3")
-    assert "budget_s" not in c and len(c["pack"]) == 494 and c["pack"][:3] == a["pack"][5:]
-    s.on_trial_complete("t2", {"timing_json": json.dumps(ran), "returned": ""})
-    handed = a["pack"][:5] + b["pack"] + c["pack"]
+    assert s.size == pack_size("auto", 30.0, 0.1, 1000 - 2 * PROBE_POINTS + 3 + 2, 2) == 495  # one ≥30 s pack a slot
+    assert "budget_s" not in c and len(c["pack"]) == 495 and c["pack"][:2] == b["pack"][6:]
+    handed = a["pack"][:5] + b["pack"][:6] + c["pack"]
+    assert len(s.suggest("t4")["pack"]) == 494 and s.suggest("t5") is None  # two packs (989 points), none left
+    handed += s.live["t4"]
     while (d := s.suggest(f"t{len(handed)}")) not in (None, s.FINISHED):
         handed += d["pack"]
         s.on_trial_complete(f"t{len(handed) - len(d['pack'])}", {"pack_complete": True})

@@ -39,14 +39,12 @@ def write_trials(rows: list[dict], path: Path) -> pd.DataFrame:
     """Rows → Parquet with the contract schema (docs/design.md, "trials.parquet"), atomically."""
     df = pd.DataFrame(rows, columns=TRIALS_SCHEMA.names).sort_values("trial_id", kind="stable").reset_index(drop=True)
     df["phase"] = df["phase"].where(df["phase"].notna(), "grid")  # a row without a phase is a grid point
-    # thief rows only: the dtype a reader of the file gets (pandas' str, NaN elsewhere), whether the rows came from
-    # Tune or from a kept Parquet file
-    df["thief_init"] = df["thief_init"].astype(object).where(df["thief_init"].notna(), None).astype(
-        pd.StringDtype(na_value=float("nan")))
     table = pa.Table.from_pandas(df, schema=TRIALS_SCHEMA, preserve_index=False)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-    return df
+    # the frame a reader of the file gets, every column's dtype included (an optional column such as thief_init is
+    # pandas' str with NaN, whether its rows came from Tune's dicts or from a kept Parquet file)
+    return table.to_pandas()
 
 
 def part_path(out: Path, trial_id: str) -> Path:

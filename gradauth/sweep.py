@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -30,6 +29,7 @@ from .config import Config
 from .engine import pick_device
 from .errors import GradauthError
 from .fsutil import write_json
+from .packing import PACK_FILE, PROBE_TIMED, make_packs, pack_name, pack_size, point_seconds, warm_points
 from .rows import TRIALS_SCHEMA, SweepLog, read_parts, write_trials  # noqa: F401 (write_trials re-exported)
 from .trial import TrialContext, TrialSpec, grid, run_trial
 
@@ -116,7 +116,6 @@ def tune_trainable(config: dict, ctx: TrialContext, threads: int = 1, checkpoint
     _report(first | row | where | {"epoch": t.epochs, "row_complete": True}, model_bytes=data)
 
 
-PACK_FILE = "pack.json"     # in a pack's checkpoint: the rows of the points it brings, every point done, where it is
 # A pack reports its finished points at most this often. Tune's function API reports synchronously: the pack waits
 # for the driver to take each report (an actor round trip, Tune's result handling, the rows and models written) before
 # it goes on, ~10-30 ms on a busy 2-core machine: every 0.5 s that idled each slot 2-6 %, every 2 s under 1.5 %.
@@ -246,11 +245,6 @@ def _search_trainable(config: dict, ctx: TrialContext, threads: int, gpu_fractio
         return
     data = to_bytes(model.cpu(), ctx.spec, masks) if model is not None else None
     _report(result | {"trial_id": name, "row_complete": True}, model_bytes=data)
-
-
-def pack_name(points: list[str]) -> str:
-    """A pack's Tune trial name: its size and a digest of its grid points (stable across `--resume`)."""
-    return f"pack{len(points)}-{hashlib.sha256(chr(10).join(points).encode()).hexdigest()[:12]}"
 
 
 def _trial_name(trial) -> str:
@@ -417,55 +411,6 @@ def concurrent_slots(cfg: Config, resources: dict, cluster: dict) -> int:
     fits = [cluster.get(k, 0) / resources[r] for k, r in (("CPU", "cpu"), ("GPU", "gpu")) if resources[r]]
     n = max(1, int(min(fits) + 1e-9)) if fits else 1
     return min(n, cfg.sweep.max_concurrent) if cfg.sweep.max_concurrent else n
-
-
-def point_seconds(rows: list[dict]) -> float | None:
-    """A grid point's typical seconds (median of the finished rows given; fine-tuned ones if any), or None."""
-    secs = [r.get("seconds") for r in rows if r.get("status") == "ok"] or [r.get("seconds") for r in rows]
-    secs = sorted(float(x) for x in secs if isinstance(x, (int, float)) and x == x and x > 0)
-    return secs[len(secs) // 2] if secs else None
-
-
-def pack_size(pack, pack_seconds: float, seconds: float | None, points: int, slots: int) -> int:
-    """Grid points per Tune trial: `pack` itself when a number; for auto, packs of at least ~pack_seconds (points of
-    `seconds` each) in a whole number of rounds of the slots, so every slot gets the same work and they finish
-    together (packs of 30, 30, 30, 10 on two slots leave one idle for two packs' worth at the end; two of 50 do
-    not); no more than points / slots, so every slot is busy; 1 when nothing is measured."""
-    if pack != "auto":
-        return max(1, int(pack))
-    if not seconds:
-        return 1
-    slots = max(1, slots)
-    rounds = max(1, math.floor(points * seconds / (slots * pack_seconds)))  # packs per slot, each ≥ pack_seconds
-    return max(1, math.ceil(points / (slots * rounds)))
-
-
-def make_packs(specs: list[TrialSpec], size: int) -> list[list[TrialSpec]]:
-    return [specs[i:i + size] for i in range(0, len(specs), size)]
-
-
-# pack: auto's first packs (tune_rows.PackSearcher): up to PROBE_POINTS points per slot, each pack stopping once
-# PROBE_TIMED points ran warm and PROBE_S passed (one timed point was off by 3x on a busy machine)
-PROBE_POINTS, PROBE_S, PROBE_TIMED = 8, 1.0, 3
-
-
-def warm_points(rows: list[dict]) -> int:
-    """How many of a fresh worker's first points (run back to back) paid a warm-up rather than their own cost: the
-    first (the process: imports, allocator) and every one up to the first fine-tuned (`ok`) one (the first fine-tune
-    and compaction: autograd, torch.fx). A probe that began with unlockable points measured its first fine-tuned
-    point at 6 s for a 0.2 s point on a loaded machine, and packs 30x too small followed."""
-    first_ok = next((i for i, r in enumerate(rows) if r.get("status") == "ok"), None)
-    return max(1, first_ok + 1 if first_ok is not None else 1)
-
-
-def probe_sample(pending: list, slots: int) -> list[list]:
-    """The points `pack: auto` times: its first packs (tune_rows.PackSearcher), PROBE_POINTS each (one per slot, as
-    many as the points fill), every (len / PROBE_POINTS·packs)-th of the grid, so every part of it (each lock value)
-    is in the sample."""
-    tasks = min(max(1, slots), math.ceil(len(pending) / PROBE_POINTS))
-    want = tasks * PROBE_POINTS
-    sample = pending[::max(1, len(pending) // want)][:want]
-    return [sample[i::tasks] for i in range(tasks)]
 
 
 def run_sweep(cfg: Config, ctx: TrialContext, out_dir: Path, resume: bool = False) -> pd.DataFrame:

@@ -17,6 +17,7 @@ from ray import tune
 from .checkpoint import from_bytes
 from .errors import GradauthError
 from .fsutil import atomic_path
+from .packing import PACK_FILE, PROBE_S, pack_size, point_seconds, probe_sample, warm_points
 from .rows import TRIALS_SCHEMA, SweepLog
 from .search import TargetedSearcher
 from .trial import TrialContext, TrialSpec, base_row
@@ -74,7 +75,6 @@ def point_row(row: dict) -> dict:
     return {k: row.get(k) for k in TRIALS_SCHEMA.names} | {"phase": "grid"}
 
 
-PACK_FILE = "pack.json"  # sweep.PACK_FILE (not imported: sweep imports torch)
 
 
 def read_pack_checkpoint(checkpoint, only: set[str] | None = None) -> tuple[dict, list[tuple[dict, bytes | None]]]:
@@ -266,10 +266,10 @@ class DriverSearcher(TargetedSearcher):
 class PackSearcher(tune.search.Searcher):
     """`sweep.pack: auto`: hands the grid points out in packs as Tune asks for trials (slots free up), instead of a
     grid of packs fixed before Tune starts. With nothing timed yet, the first packs (one per slot, PROBE_POINTS
-    points drawn across the grid: sweep.probe_sample) run in the trials' own workers until a point ran warm and
+    points drawn across the grid: packing.probe_sample) run in the trials' own workers until a point ran warm and
     PROBE_S passed, report their points' seconds (`timing_json`) and hand back the points they did not run
     (`returned`, queued again at the end); from the first timing pack back on, the rest go out in packs of
-    `sweep.pack_size` (whole rounds of the slots, each ≥ pack_seconds).
+    `packing.pack_size` (whole rounds of the slots, each ≥ pack_seconds).
     Before, a separate probe (Ray tasks) timed the points first: its workers started, imported torch and warmed up,
     and then Tune's actors did it all again (~4 s of a 100-point sweep's 10 s here).
 
@@ -280,7 +280,6 @@ class PackSearcher(tune.search.Searcher):
     def __init__(self, points: list[str] | None = None, slots: int = 1, pack_seconds: float = 30.0,
                  seconds: float | None = None):
         super().__init__()
-        from .sweep import pack_size, probe_sample
         self.queue = list(points or [])
         self.slots, self.pack_seconds = max(1, int(slots)), float(pack_seconds)
         self.size = pack_size("auto", pack_seconds, seconds, len(self.queue), self.slots) if seconds else None
@@ -302,7 +301,6 @@ class PackSearcher(tune.search.Searcher):
         self._checked = True
 
     def suggest(self, trial_id: str):
-        from .sweep import PROBE_S, pack_size, point_seconds
         if not self._checked:
             self._drop_finished()
         if self.probes:
@@ -337,7 +335,6 @@ class PackSearcher(tune.search.Searcher):
         return {"pack": pack}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        from .sweep import warm_points
         pack = self.live.pop(trial_id, None)
         if pack is None or not result:
             return  # an errored pack's points get error rows (RowWriter); Tune retried it max_failures times first

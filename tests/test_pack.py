@@ -15,7 +15,8 @@ import yaml
 from gradauth.config import parse_config
 from gradauth.errors import GradauthError
 from gradauth.rows import PARTS, read_parts
-from gradauth.sweep import concurrent_slots, make_packs, pack_name, pack_size, point_seconds
+from gradauth.packing import make_packs, pack_name, pack_size, point_seconds
+from gradauth.sweep import concurrent_slots
 from gradauth.trial import grid
 
 from conftest import HALF, with_base

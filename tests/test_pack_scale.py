@@ -7,7 +7,7 @@ import math
 import pytest
 
 from gradauth.errors import GradauthError
-from gradauth.sweep import make_packs, pack_size
+from gradauth.packing import make_packs, pack_size
 
 
 @pytest.mark.parametrize("points,seconds,slots", [(100, 0.1, 2), (1000, 0.1, 2), (5000, 0.1, 2), (1000, 0.04, 8),
@@ -105,7 +105,7 @@ def test_auto_times_points_from_across_the_grid():
     """The grid's first points share one lock value (in the scale bench, one that is never fine-tuned and 5x faster
     than the rest): the probe draws its points evenly across the grid instead."""
     from gradauth.bench import scale_config
-    from gradauth.sweep import PROBE_POINTS, probe_sample
+    from gradauth.packing import PROBE_POINTS, probe_sample
     from gradauth.trial import grid
     specs = grid(scale_config(1000))
     tasks = probe_sample(specs, 2)
@@ -122,7 +122,7 @@ def test_auto_times_points_from_across_the_grid():
 def test_the_probe_times_only_points_that_ran_warm():
     """A fresh worker's first point pays the process's warm-up, its first fine-tuned one the first fine-tune's
     (autograd, torch.fx): neither is timed."""
-    from gradauth.sweep import warm_points
+    from gradauth.packing import warm_points
     ok, unl = {"status": "ok"}, {"status": "unlockable"}
     assert warm_points([ok, ok, ok]) == 1
     assert warm_points([unl, unl, ok, ok]) == 3  # the third was the first fine-tune
@@ -139,7 +139,7 @@ def _ids(n):
 def test_auto_times_its_first_packs_then_hands_out_sized_ones():
     """No probe of its own: the first pack per slot is a timing pack (PROBE_POINTS points across the grid, a time
     budget); its warm points' seconds size the rest, and the points it did not run go back into the queue."""
-    from gradauth.sweep import PROBE_POINTS, PROBE_S, pack_size
+    from gradauth.packing import PROBE_POINTS, PROBE_S, pack_size
     from gradauth.tune_rows import PackSearcher
     s = PackSearcher(_ids(1000), slots=2, pack_seconds=30.0)
     a, b = s.suggest("t1"), s.suggest("t2")

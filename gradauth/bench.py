@@ -601,6 +601,7 @@ def run_bench(name: str, out: Path | None = None) -> Path:
     else:
         from .slicing.bench import bench_slicing
         return bench_slicing(out)
+    result.setdefault("git_sha", rundir.git_sha())  # the commit the figures came from ("+dirty": not a clean one)
     write_json(out, result)
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2), file=sys.stderr)
     return out

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .. import rundir
 from ..fsutil import write_json
 from ..machine import machine
 from ..models import build_model
@@ -309,7 +310,7 @@ def bench_slicing(out_path: Path) -> dict:
                 for theta in (0.0, 0.3) for arch in ("resnet10", "resnet18")]
     syn_rows = synapse_rows()
     result = {
-        "bench": "slicing", "machine": machine(), "data": data,
+        "bench": "slicing", "git_sha": rundir.git_sha(), "machine": machine(), "data": data,
         "load_average_before_after": [load_before, os.getloadavg()],  # the machine is shared: context for noise
         "settings": {"batch": BATCHES, "theta_block_elements": BLOCK, "torch_threads": torch.get_num_threads(),
                      "theta_kernel": "compiled C++ (slicing/kernel.py)" if kernel.available() else "torch ops",

@@ -11,6 +11,7 @@ temp dir on the command line), even after a failure half way, and returns any st
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -31,9 +32,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_ports(n: int) -> list[int]:
+    """n distinct ports free now, between Ray's worker ports (10002-19999) and the kernel's ephemeral range. A port
+    from bind(0) is an ephemeral one, which any outgoing connection (a loaded cluster's many gRPC clients) can take
+    before the node it was given to binds it; a node whose agent cannot bind its port dies with its raylet."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            top = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        top = 32768
+    pool = list(range(20000, top)) if top - 20000 >= 100 else []
+    random.shuffle(pool)
     socks = []
     try:
-        for _ in range(n):
+        for port in pool:
+            if len(socks) == n:
+                break
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
+        while len(socks) < n:  # no room below the ephemeral range on this machine
             s = socket.socket()
             s.bind(("127.0.0.1", 0))
             socks.append(s)
@@ -198,6 +219,12 @@ class LocalCluster:
                     pass
             time.sleep(0.3)
         left = alive()
+        # The nodes' own logs (raylets, agents, GCS) beside the test's, for a failure's post-mortem: `ray start`
+        # prints the tail of raylet.out, which is the head's raylet, whichever node died.
+        for f in Path(self.temp_dir).glob("session_*/logs/*"):
+            if f.is_file() and f.suffix in (".out", ".err", ".log") and f.stat().st_size < 8 * 2**20:
+                (self.log_dir / "ray-logs").mkdir(exist_ok=True)
+                shutil.copy2(f, self.log_dir / "ray-logs" / f.name)
         if not left:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
         return left

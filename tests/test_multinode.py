@@ -28,7 +28,7 @@ from gradauth.trial import TrialSpec, grid, run_trial
 
 from localcluster import NO_CUDA, LocalCluster
 
-pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("cluster")]  # alone on the machine: conftest.py
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("cluster")]  # no other Ray or process-starting test beside it: conftest.py
 
 EPOCHS = 100  # long enough that trials still run on both workers when the kill comes, on an idle machine too
 CFG = {
@@ -93,6 +93,9 @@ def test_node_loss_on_a_two_worker_cluster(tmp_path):
         while victim is None:
             assert time.time() < deadline, "no trial reached a checkpoint on both workers in time"
             res = observe()
+            gone = {n: cluster.nodes[n].poll() for n in ("a", "b") if cluster.nodes[n].poll() is not None}
+            assert not gone, (f"worker node(s) ended by themselves before the kill (exit codes {gone}): their raylet "
+                              f"and agent logs are in {tmp_path / 'ray-logs'}")
             assert driver.poll() is None, (
                 (tmp_path / "driver.log").read_text()[-2000:] + "\nseen: " + "; ".join(
                     f"{tid[-6:]} epoch {ls[-1].get('epoch')} on {node_by_pid.get(ls[-1]['pid'])} "

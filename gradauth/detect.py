@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -244,7 +245,9 @@ def run_attack(net: nn.Module, name: str, eps: float | None, x01: torch.Tensor, 
         if time.perf_counter() - t0 > seconds:
             break
         xb, yb = x01[i:min(i + batch, samples)], y[i:min(i + batch, samples)]
-        _, clipped, _ = attack(fmodel, xb, yb, epsilons=eps)
+        with warnings.catch_warnings():  # Foolbox's Spatial calls torch.meshgrid without `indexing`: not the user's
+            warnings.filterwarnings("ignore", message="torch.meshgrid", category=UserWarning)
+            _, clipped, _ = attack(fmodel, xb, yb, epsilons=eps)
         adv = clipped.detach()
         ok = _predict(net, adv) != yb  # success as we measure it: the model's answer changed from the label
         advs.append(adv[ok])

@@ -75,8 +75,6 @@ def point_row(row: dict) -> dict:
     return {k: row.get(k) for k in TRIALS_SCHEMA.names} | {"phase": "grid"}
 
 
-
-
 def read_pack_checkpoint(checkpoint, only: set[str] | None = None) -> tuple[dict, list[tuple[dict, bytes | None]]]:
     """(pack.json, [(row, model bytes)] of the points it brings, or of those among them in `only`) from a pack's
     checkpoint; a model is refused unless it is a plain gradauth model file."""

@@ -224,7 +224,8 @@ def _markers_say_what_a_test_starts(request):
 # Tests that start neither (no `ray` or `subprocess` mark: the markers are enforced above) run beside a cluster test:
 # a cluster test waits on conditions with minutes of slack (a trial reaching a checkpoint, a node coming up), so one
 # busy core slows it without breaking it, and the ~6 minutes the cluster tests spend mostly waiting (nodes booting,
-# idle timeouts, killed processes) left the second core idle (the suite: 12.5 → 11.5 min on a 2-core Xeon).
+# idle timeouts, killed processes) left the second core idle (one run each way on a 2-core Xeon: 12.5 → 11.5 min,
+# though the same commit also took 13.2 min there on a slower hour).
 def pytest_collection_modifyitems(config, items):
     """The cluster tests first, then the tests that start nothing, then the rest: xdist hands the "cluster" group to
     one worker as a whole, and the other works through the tests that may run beside it instead of waiting for the

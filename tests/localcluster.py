@@ -137,8 +137,10 @@ class LocalCluster:
     def start_head(self, num_cpus: float = 0, num_gpus: float = 0, autoscaling_config: Path | None = None,
                    env: dict | None = None, port: int | None = None) -> subprocess.Popen:
         """`port`: the GCS port, when it must be known before (an autoscaling config names it); else a free one."""
-        self.gcs_port, dash, client = free_ports(3)
-        self.gcs_port = port or self.gcs_port
+        gcs, dash, client = free_ports(3)
+        while port in (dash, client):  # a port picked by the caller is not free here until the head binds it
+            gcs, dash, client = free_ports(3)
+        self.gcs_port = port or gcs
         args = ["--head", "--port", str(self.gcs_port), "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus),
                 "--include-dashboard", "false", "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
                 "--temp-dir", self.temp_dir]
@@ -221,10 +223,13 @@ class LocalCluster:
         left = alive()
         # The nodes' own logs (raylets, agents, GCS) beside the test's, for a failure's post-mortem: `ray start`
         # prints the tail of raylet.out, which is the head's raylet, whichever node died.
-        for f in Path(self.temp_dir).glob("session_*/logs/*"):
-            if f.is_file() and f.suffix in (".out", ".err", ".log") and f.stat().st_size < 8 * 2**20:
-                (self.log_dir / "ray-logs").mkdir(exist_ok=True)
-                shutil.copy2(f, self.log_dir / "ray-logs" / f.name)
+        for f in Path(self.temp_dir).glob("session_2*/logs/*"):  # not session_latest: the same folder again
+            try:
+                if f.is_file() and f.suffix in (".out", ".err", ".log") and f.stat().st_size < 8 * 2**20:
+                    (self.log_dir / "ray-logs").mkdir(exist_ok=True)
+                    shutil.copy2(f, self.log_dir / "ray-logs" / f.name)
+            except OSError:  # a log is a help, never a reason to hide the test's own failure
+                pass
         if not left:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
         return left

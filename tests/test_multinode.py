@@ -103,14 +103,14 @@ def test_node_loss_on_a_two_worker_cluster(tmp_path):
             unfinished = {tid for tid, lines in res.items() if not lines[-1].get("row_complete")}
             # Kill a worker once trials have run on both (seen so far: result.json lags the trials by seconds, more
             # on a loaded machine, so "both busy at this instant" can be missed) and one of its trials is a few
-            # checkpointed epochs in and has a quarter of its epochs left: it must resume from there on the other.
-            # (The window was epochs 3-33: ~8 s at the ~0.27 s/epoch four trials run at on two cores, and CI once
-            # saw the sweep end without result.json showing a trial inside it.)
+            # checkpointed epochs in and has half of its epochs left: it must resume from there on the other.
+            # (The window was epochs 3-33, ~8 s at the ~0.27 s/epoch four trials run at on two cores; half the
+            # epochs leave as much again for result.json's lag after the kill's decision.)
             for tid in unfinished:
                 last = res[tid][-1]
                 node = cluster.node_of(last["pid"])
                 if (set(node_by_pid.values()) == {"a", "b"} and node in ("a", "b")
-                        and 3 <= last.get("epoch", 0) <= EPOCHS - EPOCHS // 4
+                        and 3 <= last.get("epoch", 0) <= EPOCHS // 2
                         and list((out / "ray" / "sweep" / tid).glob("checkpoint_*"))):
                     victim = node
                     break

@@ -25,7 +25,9 @@ def torch_theta_path(monkeypatch):
     monkeypatch.setenv("GRADAUTH_SLICING_KERNEL", "0")  # no kernel build inside a test
 
 
-@pytest.fixture(scope="module")
+# session, not module: conftest runs the tests that start nothing before the Ray / process ones, which splits
+# this module in two, and a module fixture would be built again for the second part
+@pytest.fixture(scope="session")
 def trained():
     cfg = parse_config(CFG)
     ds = load_dataset(cfg.data, cfg.seed)

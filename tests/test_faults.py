@@ -185,7 +185,9 @@ def test_disk_full_while_writing_is_one_line_and_no_partial_file(tmp_path, tmpfs
 
 # -- base training: checkpoint per epoch, --resume bit for bit -----------------------------------------------------
 
-@pytest.fixture(scope="module")
+# session, not module: conftest runs the tests that start nothing before the Ray / process ones, which splits
+# this module in two, and a module fixture would be built again for the second part
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory):
     """An uninterrupted base training, here with one thread like the subprocesses (also the sweep test's base)."""
     from gradauth.pipeline import train_stage

@@ -247,6 +247,11 @@ def _cluster_tests_run_alone(request, tmp_path_factory):
     if worker is None or not (starts or alone):  # one process (-n 0, or a single test), or a test that starts nothing
         yield
         return
+    if alone and "@" not in request.node.nodeid and request.config.getoption("dist", None) == "loadgroup":
+        # xdist marks a grouped test's id "…@cluster" to send the group to one worker; without it the cluster tests
+        # spread over both workers and wait on each other's lock (pytest 9.2 with xdist 3.8: pyproject pins < 9.2)
+        pytest.fail("pytest-xdist's loadgroup is not grouping the cluster tests with this pytest "
+                    f"({pytest.__version__}): pip install -e '.[test]' installs a pytest it works with", pytrace=False)
     shared = tmp_path_factory.getbasetemp().parent  # the same folder for every worker of this run
     lock, flag = shared / "cluster.lock", shared / "cluster.waiting"
     with open(lock, "a+") as fh:

@@ -19,6 +19,14 @@ from gradauth.status import sweep_status
 from gradauth.trial import degenerate_lock, grid, locked_model, run_trial
 
 from conftest import with_base
+from localcluster import session_pids
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 # Real `gradauth sweep` processes, each starting its own Ray.
 pytestmark = [pytest.mark.ray, pytest.mark.subprocess, pytest.mark.xdist_group("cluster")]
@@ -27,8 +35,11 @@ CFG = {
     "name": "ft", "data": {"name": "digits", "crop_pad": 1, "flip": False},
     "model": {"arch": "vgg_tiny", "width": 1.0}, "train": {"epochs": 12, "lr": 0.05, "sparsity": 0.03},
     "lock": {"mode": "rate", "values": [0.35]},
-    # 200 epochs: the kill must land mid-trial on a quiet machine too (60 epochs ended before it on an idle one)
-    "finetune": {"epochs": [200], "lr": [0.005], "seeds": [0]},
+    # The kill is decided from the trial's own checkpoints, which its worker writes into the storage folder as it
+    # goes, so it lands within an epoch or two of the third one; 24 epochs leave the rest for after the restore.
+    # (Tune's result.json lags the trial by seconds: deciding from it, the kill came at epoch ~37 on an idle machine,
+    # and the trial needed 200 epochs to be sure of outliving it.)
+    "finetune": {"epochs": [24], "lr": [0.005], "seeds": [0]},
     "sweep": {"lock_bound": 0.3, "resources": {"cpu": 1, "gpu": 0}, "checkpoint_every": 1, "checkpoint_min_s": 0,
               "max_failures": 2},
 }
@@ -75,9 +86,14 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(setup):
     proc = _sweep(d / "c.yaml", out)
 
     def checkpointed_worker():
-        for trial_dir, lines in _results(out):
-            if any(l.get("epoch", 0) >= 3 for l in lines) and list(trial_dir.glob("checkpoint_*")):
-                return lines[-1]["pid"]
+        """The trial's worker process once it has written its third checkpoint: Tune has taken the first two by then
+        (a function trainable's report waits for the driver), so it resumes from one of them."""
+        for trial_dir in (out / "ray" / "sweep").glob("*/"):
+            if max((int(c.name.rsplit("_", 1)[1]) for c in trial_dir.glob("checkpoint_*")), default=-1) >= 2:
+                workers = [pid for pid in session_pids(proc.pid)  # the sweep runs in a session of its own
+                           if _cmdline(pid).startswith(b"ray::ImplicitFunc.train")]
+                assert len(workers) == 1, workers
+                return workers[0]
     pid = _wait(checkpointed_worker)
     os.kill(pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=300)

@@ -219,21 +219,22 @@ def _markers_say_what_a_test_starts(request):
 # The suite runs on two pytest-xdist workers (pyproject's addopts): most of its wall time is Ray starting and
 # waiting. The tests that start Ray nodes as processes and kill them on a clock (xdist_group "cluster": node loss,
 # autoscaler, killed workers and drivers, `ray job submit`) must not share the two cores with another test that
-# starts Ray or a process: they take an exclusive lock, every such test a shared one. A cluster test waiting for it
-# raises a flag first, so the other worker stops taking new shared locks and the exclusive one is not starved.
-# Tests that start neither (no `ray` or `subprocess` mark: the markers are enforced above) run beside a cluster test:
-# a cluster test waits on conditions with minutes of slack (a trial reaching a checkpoint, a node coming up), so one
-# busy core slows it without breaking it, and the ~6 minutes the cluster tests spend mostly waiting (nodes booting,
-# idle timeouts, killed processes) left the second core idle (one run each way on a 2-core Xeon: 12.5 → 11.5 min,
-# though the same commit also took 13.2 min there on a slower hour).
+# starts Ray: they take an exclusive lock, every other Ray test a shared one. A cluster test waiting for it raises a
+# flag first, so the other worker stops taking new shared locks and the exclusive one is not starved.
+# Tests that start no Ray (no `ray` mark: the markers are enforced above, and a `subprocess` test's processes were
+# seen to start none) run beside a cluster test: a cluster test waits on conditions with minutes of slack (a trial
+# reaching a checkpoint, a node coming up), so one busy core slows it without breaking it, and the ~6 minutes the
+# cluster tests spend mostly waiting (nodes booting, idle timeouts, killed processes) left the second core idle. On a
+# 2-core Xeon: tests that start nothing beside them, 12.5 → 11.5 min; the Ray-free process tests too (~1 min of
+# them, the compiler, CLI processes, killed trainings), see the commit that made it.
 def pytest_collection_modifyitems(config, items):
-    """The cluster tests first, then the tests that start nothing, then the rest: xdist hands the "cluster" group to
+    """The cluster tests first, then the tests that start no Ray, then the rest: xdist hands the "cluster" group to
     one worker as a whole, and the other works through the tests that may run beside it instead of waiting for the
     exclusive lock in a Ray test's setup (the order within each part is kept)."""
     def part(item):
         if any(m.args == ("cluster",) for m in item.iter_markers("xdist_group")):
             return 0
-        return 2 if any(item.iter_markers("ray")) or any(item.iter_markers("subprocess")) else 1
+        return 2 if any(item.iter_markers("ray")) else 1
     items.sort(key=part)
 
 
@@ -242,9 +243,9 @@ def _cluster_tests_run_alone(request, tmp_path_factory):
     import fcntl
     import time
     worker = os.environ.get("PYTEST_XDIST_WORKER")
-    starts = any(request.node.iter_markers("ray")) or any(request.node.iter_markers("subprocess"))
+    starts = any(request.node.iter_markers("ray"))
     alone = any(m.args == ("cluster",) for m in request.node.iter_markers("xdist_group"))
-    if worker is None or not (starts or alone):  # one process (-n 0, or a single test), or a test that starts nothing
+    if worker is None or not (starts or alone):  # one process (-n 0, or a single test), or a test that starts no Ray
         yield
         return
     if alone and "@" not in request.node.nodeid and request.config.getoption("dist", None) == "loadgroup":

@@ -64,17 +64,18 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def cmdline(pid: int) -> bytes:
+    """A process's command line as /proc has it (NUL-separated; a Ray worker's is its `ray::...` title), b"" if gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def pids_of(temp_dir: str) -> list[int]:
     """Processes of the cluster: their command line names its private temp dir (Linux /proc)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                if temp_dir.encode() in (d / "cmdline").read_bytes():
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
+    return [int(d.name) for d in Path("/proc").iterdir()
+            if d.name.isdigit() and int(d.name) != os.getpid() and temp_dir.encode() in cmdline(int(d.name))]
 
 
 def session_of(pid: int) -> int | None:

@@ -19,14 +19,7 @@ from gradauth.status import sweep_status
 from gradauth.trial import degenerate_lock, grid, locked_model, run_trial
 
 from conftest import with_base
-from localcluster import session_pids
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
+from localcluster import cmdline, session_pids
 
 # Real `gradauth sweep` processes, each starting its own Ray.
 pytestmark = [pytest.mark.ray, pytest.mark.subprocess, pytest.mark.xdist_group("cluster")]
@@ -91,7 +84,7 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(setup):
         for trial_dir in (out / "ray" / "sweep").glob("*/"):
             if max((int(c.name.rsplit("_", 1)[1]) for c in trial_dir.glob("checkpoint_*")), default=-1) >= 2:
                 workers = [pid for pid in session_pids(proc.pid)  # the sweep runs in a session of its own
-                           if _cmdline(pid).startswith(b"ray::ImplicitFunc.train")]
+                           if cmdline(pid).startswith(b"ray::ImplicitFunc.train")]
                 assert len(workers) == 1, workers
                 return workers[0]
     pid = _wait(checkpointed_worker)

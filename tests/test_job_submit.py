@@ -33,7 +33,7 @@ from gradauth.config import load_config
 from gradauth.schema import WRITTEN_COLUMNS
 
 from conftest import with_base
-from localcluster import free_ports  # tests/ helper: free loopback ports
+from localcluster import free_ports, pids_of  # tests/ helpers: free loopback ports, a node's processes
 
 pytestmark = [pytest.mark.ray, pytest.mark.subprocess, pytest.mark.xdist_group("cluster")]  # a Ray node and `ray job` CLIs as real processes
 
@@ -101,28 +101,15 @@ def _stop_node(head: subprocess.Popen, temp_dir: str) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     head.wait()
-    left = _pids_of(temp_dir)
+    left = pids_of(temp_dir)
     for pid in left:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     t0 = time.time()
-    while _pids_of(temp_dir) and time.time() - t0 < 10:
+    while pids_of(temp_dir) and time.time() - t0 < 10:
         time.sleep(0.2)
-
-
-def _pids_of(temp_dir: str) -> list[int]:
-    """Processes of this node: their command line names its private temp dir (Linux /proc)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                if temp_dir.encode() in (d / "cmdline").read_bytes():
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
 
 
 def test_quickstart_sweep_as_a_ray_job(half_base, tmp_path):
@@ -239,4 +226,4 @@ def test_quickstart_sweep_as_a_ray_job(half_base, tmp_path):
     finally:
         _stop_node(head, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
-    assert not _pids_of(temp_dir)
+    assert not pids_of(temp_dir)

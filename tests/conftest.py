@@ -225,7 +225,7 @@ def _markers_say_what_a_test_starts(request):
 # seen to start none) run beside a cluster test: a cluster test waits on conditions with minutes of slack (a trial
 # reaching a checkpoint, a node coming up), so one busy core slows it without breaking it, and the ~6 minutes the
 # cluster tests spend mostly waiting (nodes booting, idle timeouts, killed processes) left the second core idle. On a
-# 2-core Xeon: the tests that start nothing beside them, 12.5 → 11.5 min; the Ray-free process tests too (~66 CPU-s:
+# 2-core Xeon: the tests that start nothing beside them, 12.5 → 11.5 min; the Ray-free process tests too (78 CPU-s:
 # the compiler, CLI processes, killed trainings), with three cheaper cluster and Ray tests, 11.75 → 9.6 min. Dropping
 # the lock gained nothing (9.8 min): the suite keeps both cores ~90 % busy, so the Ray tests beside the cluster tests
 # only slowed both.

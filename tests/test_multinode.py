@@ -28,7 +28,7 @@ from gradauth.trial import TrialSpec, grid, run_trial
 
 from localcluster import NO_CUDA, LocalCluster
 
-pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("cluster")]  # no other Ray or process-starting test beside it: conftest.py
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("cluster")]  # no other Ray test beside it: conftest.py
 
 EPOCHS = 100  # long enough that trials still run on both workers when the kill comes, on an idle machine too
 CFG = {

@@ -83,8 +83,10 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(setup):
         (a function trainable's report waits for the driver), so it resumes from one of them."""
         for trial_dir in (out / "ray" / "sweep").glob("*/"):
             if max((int(c.name.rsplit("_", 1)[1]) for c in trial_dir.glob("checkpoint_*")), default=-1) >= 2:
-                workers = [pid for pid in session_pids(proc.pid)  # the sweep runs in a session of its own
-                           if cmdline(pid).startswith(b"ray::ImplicitFunc.train")]
+                # the sweep runs in a session of its own; the trial's actor is titled ray::ImplicitFunc.train while
+                # a train() call runs and ray::ImplicitFunc between calls (after each report, until the driver asks
+                # for the next result)
+                workers = [pid for pid in session_pids(proc.pid) if cmdline(pid).startswith(b"ray::ImplicitFunc")]
                 assert len(workers) == 1, workers
                 return workers[0]
     pid = _wait(checkpointed_worker)

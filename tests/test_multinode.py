@@ -49,27 +49,34 @@ class Reports:
     result.json files (its staging dir in the head's session folder, appended as each result arrives).
 
     Not the copies in the storage folder: the driver syncs those only now and then, so they lag the trials by
-    seconds, and a trial restored after a node loss starts from the storage copy, so the staging copy loses the
-    lines the lost node reported since the last sync. Lines seen once are kept here, whatever happens to the file.
+    seconds. A decision taken from them can come after the trials ended, and a line that shows up there late can
+    name a process already gone, whose node can no longer be looked up. Restoring a trial copies the storage copy
+    back over the staging one (Tune's `_restore_from_remote`), which can drop lines not yet synced: a file that
+    shrank is read again from the start, and lines seen once are kept here whatever happens to the file.
     """
 
     def __init__(self, session_root: str):
         self.root = Path(session_root)
         self.lines: dict[str, list[dict]] = {}  # trial id -> lines in the order first seen, one per (pid, iteration)
         self._keys: set[tuple] = set()
+        self._read_to: dict[Path, int] = {}  # bytes of each file already read: only what is appended is parsed
 
     def read(self) -> dict[str, list[dict]]:
         # session_2*: not session_latest, a link to the same folder
         for p in sorted(self.root.glob("session_2*/artifacts/*/*/driver_artifacts/*/result.json")):
             try:
-                text = p.read_text()
+                with p.open("rb") as f:
+                    start = self._read_to.get(p, 0)
+                    if os.fstat(f.fileno()).st_size < start:  # rewritten from the storage copy: a trial restored
+                        start = 0
+                    f.seek(start)
+                    data = f.read()
             except OSError:  # replaced or removed while read
                 continue
-            for raw in text.splitlines():
-                try:
-                    line = json.loads(raw)
-                except ValueError:  # the line the driver is writing now
-                    continue
+            whole = data.rfind(b"\n") + 1  # whole lines only: the driver may be writing the next one
+            self._read_to[p] = start + whole
+            for raw in data[:whole].splitlines():
+                line = json.loads(raw)
                 tid = TrialSpec(**line["config"]["trial"]).trial_id
                 key = (tid, line["pid"], line["training_iteration"])
                 if key not in self._keys:
